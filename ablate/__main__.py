@@ -1,0 +1,3 @@
+from ablate.list import main
+
+raise SystemExit(main())

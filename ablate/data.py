@@ -1,0 +1,229 @@
+"""Datasets behind the ``dataset`` registry (DESIGN §7), resident on the training device.
+
+Every factory returns a :class:`Data`: tensors in the model's range (images in
+[−1, 1], toys roughly unit scale), labels 0..K−1 (zeros when unlabelled, K = 0),
+and the facts a backbone needs. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from components.registry import DATASET
+
+
+class DataError(ValueError):
+    """A dataset that cannot be loaded (missing path, bad files)."""
+
+
+@dataclass
+class Data:
+    name: str
+    x: Tensor  # (N, ...) training split
+    labels: Tensor  # (N,) long
+    num_classes: int  # 0: unlabelled
+    kind: Literal["vector", "image", "latent"]
+    x_test: Tensor | None = None
+    labels_test: Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def default_backbone(self) -> dict:
+        if self.kind == "vector":
+            return {"name": "mlp"}
+        return {"name": "dit", "size": "T", "patch": 2}
+
+
+class ResidentLoader:
+    """Random batches straight from device tensors (no per-step loader overhead).
+
+    ``class_consistent``: every batch holds one class (ESC), the class drawn
+    in proportion to its frequency.
+    """
+
+    def __init__(self, data: Data, batch_size: int, generator: torch.Generator, class_consistent: bool = False):
+        if class_consistent and data.num_classes == 0:
+            raise DataError(f"class-consistent batches need a labelled dataset; '{data.name}' has no labels")
+        self.data, self.batch_size, self.generator = data, batch_size, generator
+        self.class_consistent = class_consistent
+        if class_consistent:
+            order = torch.argsort(data.labels.cpu(), stable=True)
+            counts = torch.bincount(data.labels.cpu(), minlength=data.num_classes)
+            self.order, self.counts = order.to(data.x.device), counts
+            self.starts = torch.cumsum(counts, 0) - counts
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        n, dev = len(self.data.x), self.data.x.device
+        if self.class_consistent:
+            c = int(torch.multinomial(self.counts.float(), 1, generator=self.generator))
+            pos = torch.randint(int(self.counts[c]), (self.batch_size,), generator=self.generator)
+            idx = self.order[(self.starts[c] + pos).to(dev)]
+        else:
+            idx = torch.randint(n, (self.batch_size,), generator=self.generator).to(dev)
+        return self.data.x[idx], self.data.labels[idx]
+
+
+# -- 2-D toys ---------------------------------------------------------------
+def _toy(name: str, points: np.ndarray, device) -> Data:
+    x = torch.as_tensor(points, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0).mean()  # unit scale, keeps the aspect ratio
+    n_test = len(x) // 5
+    return Data(name, x[n_test:].to(device), torch.zeros(len(x) - n_test, dtype=torch.long, device=device), 0,
+                "vector", x[:n_test].to(device), torch.zeros(n_test, dtype=torch.long, device=device))
+
+
+@DATASET.register("checkerboard")
+def checkerboard(n: int = 20000, squares: int = 4, seed: int = 0, *, device="cpu") -> Data:
+    """2-D checkerboard: uniform on the black squares of a squares×squares board."""
+    rng = np.random.default_rng(seed)
+    cells = [(i, j) for i in range(squares) for j in range(squares) if (i + j) % 2 == 0]
+    pick = rng.integers(len(cells), size=n)
+    corner = np.array(cells, dtype=np.float64)[pick]
+    return _toy("checkerboard", corner + rng.random((n, 2)), device)
+
+
+@DATASET.register("gaussian_mixture")
+def gaussian_mixture(n: int = 20000, modes: int = 8, radius: float = 4.0, std: float = 0.3, seed: int = 0, *,
+                     device="cpu") -> Data:
+    """2-D ring of ``modes`` Gaussians of std ``std`` at distance ``radius``."""
+    rng = np.random.default_rng(seed)
+    ang = 2 * math.pi * rng.integers(modes, size=n) / modes
+    centres = radius * np.stack([np.cos(ang), np.sin(ang)], 1)
+    return _toy("gaussian_mixture", centres + std * rng.standard_normal((n, 2)), device)
+
+
+@DATASET.register("moons")
+def moons(n: int = 20000, noise: float = 0.05, seed: int = 0, *, device="cpu") -> Data:
+    """scikit-learn's two interleaving half circles."""
+    from sklearn.datasets import make_moons
+
+    pts, _ = make_moons(n, noise=noise, random_state=seed)
+    return _toy("moons", pts, device)
+
+
+@DATASET.register("spirals")
+def spirals(n: int = 20000, turns: float = 1.5, noise: float = 0.05, seed: int = 0, *, device="cpu") -> Data:
+    """Two interleaved Archimedean spirals."""
+    rng = np.random.default_rng(seed)
+    s = np.sqrt(rng.random(n)) * turns * 2 * math.pi
+    sign = np.where(rng.random(n) < 0.5, 1.0, -1.0)
+    pts = sign[:, None] * np.stack([s * np.cos(s), s * np.sin(s)], 1) / (turns * 2 * math.pi)
+    return _toy("spirals", pts + noise * rng.standard_normal((n, 2)), device)
+
+
+# -- images ---------------------------------------------------------------------
+def _images(name, x: np.ndarray, y: np.ndarray, num_classes: int, size: int | None, device,
+            x_test=None, y_test=None, kind="image") -> Data:
+    """uint8-range or [0, 1] float NCHW arrays → [−1, 1] tensors, optionally resized to size×size."""
+
+    def prep(a):
+        t = torch.as_tensor(np.asarray(a), dtype=torch.float32)
+        if size is not None and t.shape[-1] != size:
+            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                                                align_corners=False)
+        return (t * 2 - 1).clamp(-1, 1).to(device)
+
+    lab = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long).to(device)  # noqa: E731
+    return Data(name, prep(x), lab(y), num_classes, kind,
+                None if x_test is None else prep(x_test), None if y_test is None else lab(y_test))
+
+
+@DATASET.register("digits")
+def digits(size: int = 8, test_fraction: float = 0.2, seed: int = 0, *, device="cpu") -> Data:
+    """scikit-learn's bundled handwritten digits: 1797 images 1×8×8, 10 classes (optionally resized)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0)[:, None].astype(np.float32)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    te, tr = perm[:n_test], perm[n_test:]
+    return _images("digits", x[tr], d.target[tr], 10, size, device, x[te], d.target[te])
+
+
+def _need_dir(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise DataError(f"{what}: directory '{p}' does not exist (data.path); nothing is downloaded")
+    return p
+
+
+@DATASET.register("image_folder")
+def image_folder(path: str = "", size: int = 32, *, device="cpu") -> Data:
+    """Images under ``path``/<class>/*.png|jpg (one folder per class, sorted) or directly under ``path``."""
+    from PIL import Image
+
+    root = _need_dir(path, "image_folder")
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    pairs = ([(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in exts]
+             if classes else [(f, 0) for f in sorted(root.iterdir()) if f.suffix.lower() in exts])
+    if not pairs:
+        raise DataError(f"image_folder: no images ({', '.join(sorted(exts))}) under '{root}'")
+    imgs = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f, _ in pairs]
+    x = np.stack(imgs).transpose(0, 3, 1, 2) / 255.0
+    return _images("image_folder", x, [c for _, c in pairs], len(classes), None, device)
+
+
+@DATASET.register("cifar10")
+def cifar10(path: str = "~/data/cifar-10-batches-py", *, device="cpu") -> Data:
+    """CIFAR-10 from the python pickles at ``path`` (data_batch_1..5, test_batch); never downloads."""
+    root = _need_dir(path, "cifar10")
+
+    def load(names):
+        xs, ys = [], []
+        for n in names:
+            f = root / n
+            if not f.is_file():
+                raise DataError(f"cifar10: missing file '{f}'")
+            with open(f, "rb") as fh:
+                d = pickle.load(fh, encoding="latin1")  # the official CIFAR format is a pickle of arrays
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(d["labels"])
+        return np.concatenate(xs) / 255.0, np.asarray(ys)
+
+    x, y = load([f"data_batch_{i}" for i in range(1, 6)])
+    xt, yt = load(["test_batch"])
+    return _images("cifar10", x, y, 10, None, device, xt, yt)
+
+
+@DATASET.register("latents")
+def latents(path: str = "", num_classes: int = 1000, scale: float = 1.0, *, device="cpu") -> Data:
+    """Precomputed VAE latents: ``path``/*.pt shards, each {'latents': (n, C, H, W), 'labels': (n,)}.
+
+    Shards are loaded with ``weights_only=True``; ``scale`` multiplies the latents
+    (e.g. 0.18215 for SD-VAE). ``vae`` in ``meta`` names the decoder for evaluation.
+    """
+    root = _need_dir(path, "latents")
+    shards = sorted(root.glob("*.pt"))
+    if not shards:
+        raise DataError(f"latents: no *.pt shards under '{root}'")
+    xs, ys = [], []
+    for f in shards:
+        d = torch.load(f, map_location="cpu", weights_only=True)
+        if not isinstance(d, dict) or "latents" not in d or "labels" not in d:
+            raise DataError(f"latents: shard '{f}' must hold a dict with 'latents' and 'labels'")
+        xs.append(d["latents"].float())
+        ys.append(d["labels"].long())
+    x, y = torch.cat(xs) * scale, torch.cat(ys)
+    return Data("latents", x.to(device), y.to(device), num_classes, "latent", meta={"path": str(root)})
+
+
+def load_data(spec: dict, device="cpu") -> Data:
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    return DATASET.build(name, spec, device=device)

@@ -1,0 +1,200 @@
+"""Designs: one (name, kwargs) per component kind; presets are named designs.
+
+    spec = {"preset": "meanflow", "schedule": "cosine", "target": {"jvp": "finite_difference"}}
+    design = resolve_design(spec)          # validated, defaults filled in
+    design.design_id, design.slug          # 'a1b2c3d4e5f6', 'cosine-logit_normal-meanflow-...'
+    comps = build_components(design, data) # the objects, compatibility-checked
+
+Override rules: a kind given as a string or with a different ``name`` replaces
+the preset's choice (its kwargs start from the new plugin's defaults); a kind
+given without a name, or with the same name, merges its kwargs into the
+preset's.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import components  # noqa: F401  (registers the built-ins)
+from components.compose import Components
+from components.registry import DESIGN_KINDS, REGISTRIES, RegistryError
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
+
+
+def register_preset(name: str, design: dict[str, dict[str, Any]], paper: str = "") -> None:
+    PRESETS[name] = {"_paper": paper, **copy.deepcopy(design)}
+
+
+class DesignError(ValueError):
+    """One or more problems with a design; ``problems`` lists (key path, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("\n".join(f"{k}: {m}" for k, m in problems))
+
+
+@dataclass(frozen=True)
+class Design:
+    components: dict  # kind -> {"name": str, "kwargs": dict}, fully resolved
+    preset: str | None = None
+
+    def canonical(self) -> dict:
+        return {k: {"name": self.components[k]["name"], "kwargs": _jsonable(self.components[k]["kwargs"])}
+                for k in DESIGN_KINDS}
+
+    @property
+    def design_id(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def slug(self) -> str:
+        return "-".join(REGISTRIES[k].slug(self.components[k]["name"], self.components[k]["kwargs"])
+                        for k in DESIGN_KINDS)
+
+    def name(self, kind: str) -> str:
+        return self.components[kind]["name"]
+
+    def kwargs(self, kind: str) -> dict:
+        return dict(self.components[kind]["kwargs"])
+
+    def flat_params(self) -> dict[str, Any]:
+        """``design.<kind>.name`` and ``design.<kind>.<kwarg>`` (for trackers and tables)."""
+        out = {}
+        for k in DESIGN_KINDS:
+            out[f"design.{k}.name"] = self.components[k]["name"]
+            for key, v in self.components[k]["kwargs"].items():
+                out[f"design.{k}.{key}"] = v
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({"design_id": self.design_id, "slug": self.slug, "preset": self.preset,
+                           "components": self.canonical()}, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Design":
+        d = json.loads(text)
+        return cls(d["components"], d.get("preset"))
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _as_choice(value: Any) -> dict:
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"must be a plugin name or a mapping with 'name' and options, got {value!r}")
+
+
+def resolve_design(spec: Mapping | str, default_backbone: dict | None = None, where: str = "design") -> Design:
+    """Validate a design spec and fill in every default. Reports every problem at once."""
+    spec = {"preset": spec} if isinstance(spec, str) else dict(spec or {})
+    problems: list[tuple[str, str]] = []
+    preset = spec.pop("preset", None)
+    base: dict[str, dict] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            import difflib
+
+            close = difflib.get_close_matches(str(preset), PRESETS, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            problems.append((f"{where}.preset", f"unknown preset '{preset}'.{hint} Valid choices: {', '.join(sorted(PRESETS))}"))
+        else:
+            base = {k: copy.deepcopy(v) for k, v in PRESETS[preset].items() if not k.startswith("_")}
+    for key in spec:
+        if key not in DESIGN_KINDS:
+            problems.append((f"{where}.{key}", f"unknown design key; valid keys: preset, {', '.join(DESIGN_KINDS)}"))
+    if "backbone" not in base and default_backbone is not None:
+        base["backbone"] = copy.deepcopy(default_backbone)
+    resolved: dict[str, dict] = {}
+    for kind in DESIGN_KINDS:
+        try:
+            choice = _merge(base.get(kind), spec.get(kind))
+        except TypeError as exc:
+            problems.append((f"{where}.{kind}", str(exc)))
+            continue
+        if choice is None or "name" not in choice:
+            problems.append((f"{where}.{kind}", f"no {kind} chosen: name a preset or set {where}.{kind}.name "
+                                                f"(one of {', '.join(REGISTRIES[kind].names())})"))
+            continue
+        name = choice.pop("name")
+        try:
+            resolved[kind] = {"name": name, "kwargs": REGISTRIES[kind].resolve(name, choice)}
+        except RegistryError as exc:
+            problems.append((f"{where}.{kind}", str(exc)))
+    if problems:
+        raise DesignError(problems)
+    return Design(resolved, preset)
+
+
+def _merge(base: dict | None, override: Any) -> dict | None:
+    if override is None:
+        return copy.deepcopy(base)
+    over = _as_choice(override)
+    if base is None or ("name" in over and over["name"] != base.get("name")):
+        return over
+    return {**base, **over}
+
+
+def build_components(design: Design, data_shape: tuple, num_classes: int) -> Components:
+    """Instantiate every component; raise DesignError if the combination cannot work."""
+    from components.registry import BACKBONE, GUIDANCE, SCHEDULE, TARGET, TIME_SAMPLER, WEIGHTING
+
+    problems = []
+    try:
+        schedule = SCHEDULE.build(design.name("schedule"), design.kwargs("schedule"))
+        built = dict(
+            schedule=schedule,
+            time_sampler=TIME_SAMPLER.build(design.name("time_sampler"), design.kwargs("time_sampler"), schedule=schedule),
+            target=TARGET.build(design.name("target"), design.kwargs("target")),
+            weighting=WEIGHTING.build(design.name("weighting"), design.kwargs("weighting"), data_shape=data_shape),
+            backbone=BACKBONE.build(design.name("backbone"), design.kwargs("backbone"), data_shape=data_shape,
+                                    num_classes=num_classes),
+            guidance=GUIDANCE.build(design.name("guidance"), design.kwargs("guidance")),
+        )
+    except (ValueError, TypeError) as exc:
+        raise DesignError([("design", f"cannot build {design.slug}: {exc}")]) from exc
+    for kind, obj in built.items():
+        check = getattr(obj, "compatible", None)
+        if callable(check):
+            problems += [(f"design.{kind}", msg) for msg in check(built)]
+    if problems:
+        raise DesignError(problems)
+    return Components(**built)
+
+
+# -- presets (DESIGN §3 "Methods are presets, not code paths") -------------------
+register_preset("flow_matching", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "logit_normal", "mean": 0.0, "std": 1.0, "fraction_r_neq_t": 0.0},
+    "target": {"name": "flow_matching"},
+    "weighting": {"name": "l2"},
+    "guidance": {"name": "cfg"},
+}, paper="Lipman et al. 2023; Liu et al. 2023 (rectified flow); logit-normal t from Esser et al. 2024")
+
+register_preset("scd", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "dyadic", "base_steps": 128},
+    "target": {"name": "shortcut", "base_steps": 128, "teacher": "ema"},
+    "weighting": {"name": "l2"},
+    "guidance": {"name": "cfg"},
+}, paper="Frans, Hafner, Levine, Abbeel, One Step Diffusion via Shortcut Models, ICLR 2025")
+
+register_preset("meanflow", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.25},
+    "target": {"name": "meanflow", "jvp": "exact"},
+    "weighting": {"name": "adaptive", "p": 1.0},
+    "guidance": {"name": "meanflow_cfg"},
+}, paper="Geng et al., Mean Flows for One-step Generative Modeling, 2025")

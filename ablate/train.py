@@ -1,0 +1,271 @@
+"""Train one design (no Ray): ``python -m ablate.train STUDY.yaml|PRESET [key=value ...]``.
+
+    python -m ablate.train meanflow train.steps=2000
+    python -m ablate.train studies/toy_2d.yaml design.target=shortcut --dry-run
+
+Writes into the run folder: ``design.json``, ``config.yaml``, ``checkpoint.pt``
+(atomic, every ``train.ckpt_every`` steps; a rerun resumes from it),
+``metrics.jsonl``/``.csv`` and ``samples/nfe_<N>.png``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from ablate.data import Data, ResidentLoader, load_data
+from ablate.design import Design, build_components, resolve_design
+from ablate.images import save_samples
+from ablate.reporting import LocalReporter, MultiReporter, Reporter
+from components.compose import Components, sample, training_loss
+from components.targets.base import Nets
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class Run:
+    """Everything a trained (or training) design consists of."""
+
+    cfg: DictConfig
+    data: Data
+    design: Design
+    comps: Components
+    model: torch.nn.Module
+    emas: dict[float, torch.nn.Module]
+    device: torch.device
+    out_dir: Path
+    step: int = 0
+    history: list = field(default_factory=list)
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        if self.cfg.sample.use_ema and float(self.cfg.train.ema) in self.emas:
+            return self.emas[float(self.cfg.train.ema)]
+        return self.model
+
+    def generate(self, n: int, nfe: int, *, seed: int = 0, cfg_scale=None, model=None, labels=None) -> torch.Tensor:
+        """n samples at ``nfe`` steps (class labels cycle through 0..K−1 unless given)."""
+        g = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn((n, *self.data.shape), generator=g, device=self.device)
+        k = self.data.num_classes
+        y = labels if labels is not None else (torch.arange(n, device=self.device) % k if k else
+                                               torch.zeros(n, dtype=torch.long, device=self.device))
+        net = model or self.eval_model
+        with self.autocast():
+            x = sample(net, self.comps.guidance, noise, nfe, y, null_label=self.data.null_label,
+                       average_velocity=self.comps.target.average_velocity, cfg_scale=cfg_scale)
+        return x.float()
+
+    def autocast(self):
+        bf16 = self.cfg.train.precision == "bf16" or (self.cfg.train.precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={spec} but CUDA is not available")
+    return dev
+
+
+def default_out_dir(cfg: DictConfig, design: Design) -> Path:
+    if cfg.train.out_dir:
+        return Path(cfg.train.out_dir)
+    return Path("runs") / str(cfg.name or "run") / f"{design.slug}-seed{cfg.train.seed}"
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Load data, resolve and build the design, create EMAs. Validates before building anything."""
+    device = pick_device(cfg.train.device)
+    data = load_data(OmegaConf.to_container(cfg.data, resolve=True), device=device)
+    design = resolve_design(OmegaConf.to_container(cfg.design, resolve=True), data.default_backbone())
+    if cfg.train.class_consistent and data.num_classes == 0:
+        raise ValueError(f"train.class_consistent needs a labelled dataset; '{data.name}' has no labels")
+    torch.manual_seed(int(cfg.train.seed))  # parameter initialisation
+    comps = build_components(design, data.shape, data.num_classes)
+    model = comps.backbone.to(device)
+    comps.weighting.to(device)
+    rates = {float(cfg.train.ema)}
+    if comps.target.teacher_ema is not None:
+        rates.add(float(comps.target.teacher_ema))
+    emas = {rate: copy.deepcopy(model).requires_grad_(False).eval() for rate in rates}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Run(cfg, data, design, comps, model, emas, device, default_out_dir(cfg, design))
+
+
+def _optimizer(cfg, params, device):
+    kw = dict(lr=float(cfg.train.lr), betas=tuple(cfg.train.betas), weight_decay=float(cfg.train.weight_decay))
+    if device.type == "cuda":
+        kw["fused"] = True
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(cfg.train.optimizer)
+    if cls is None:
+        raise ValueError(f"train.optimizer must be adam or adamw, got {cfg.train.optimizer!r}")
+    return cls(params, **kw)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = True,
+          on_eval=None, resume: bool = True) -> Run:
+    """Train one design to ``cfg.train.steps``; resumes from the run folder's checkpoint."""
+    run = setup(cfg)
+    out, tc = run.out_dir, cfg.train
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "design.json").write_text(run.design.to_json())
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    params = list(run.model.parameters()) + list(run.comps.weighting.parameters())
+    opt = _optimizer(cfg, params, run.device)
+    gen = torch.Generator(run.device).manual_seed(int(tc.seed) + 1)
+    data_gen = torch.Generator().manual_seed(int(tc.seed) + 2)
+    loader = ResidentLoader(run.data, int(tc.batch_size), data_gen, bool(tc.class_consistent))
+    ckpt_path = out / "checkpoint.pt"
+    resume_step = None
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, run.device)
+        if state["design_id"] != run.design.design_id:
+            raise ValueError(f"{ckpt_path} belongs to design {state['design_id']}, not {run.design.design_id}; "
+                             "use another train.out_dir or delete the folder")
+        run.model.load_state_dict(state["model"])
+        run.comps.weighting.load_state_dict(state["weighting"])
+        for rate, sd in state["emas"].items():
+            run.emas[float(rate)].load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["gen"].to(gen.get_state().device) if run.device.type == "cpu" else state["gen"].cpu())
+        data_gen.set_state(state["data_gen"].cpu())
+        run.step = resume_step = int(state["step"])
+    local = LocalReporter(out, resume_step)
+    rep = MultiReporter(local, reporter)
+    net = torch.compile(run.model) if tc.compile else run.model
+    teacher_rate = run.comps.target.teacher_ema
+    nets = Nets(model=net, teacher=run.emas[float(teacher_rate)] if teacher_rate is not None else net,
+                guidance=run.comps.guidance)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, {
+            "step": run.step, "design_id": run.design.design_id, "design_json": run.design.to_json(),
+            "config_yaml": OmegaConf.to_yaml(cfg), "model": run.model.state_dict(),
+            "weighting": run.comps.weighting.state_dict(),
+            "emas": {str(k): v.state_dict() for k, v in run.emas.items()},
+            "optimizer": opt.state_dict(), "gen": gen.get_state(), "data_gen": data_gen.get_state()})
+
+    steps, log_every = int(tc.steps), max(1, int(tc.log_every))
+    bar = tqdm(total=steps, initial=run.step, disable=not progress, desc=run.design.slug[:40],
+               dynamic_ncols=True, file=sys.stderr)
+    acc, n_acc, t_log, t_train = torch.zeros((), device=run.device), 0, time.perf_counter(), 0.0
+    acc_mse = torch.zeros((), device=run.device)
+    warm = int(tc.warmup_steps)
+    try:
+        while run.step < steps:
+            t0 = time.perf_counter()
+            if warm:
+                for g in opt.param_groups:
+                    g["lr"] = float(tc.lr) * min(1.0, (run.step + 1) / warm)
+            x, labels = loader.next()
+            with run.autocast():
+                loss, _, tout = training_loss(run.comps, nets, x, labels, null_label=run.data.null_label,
+                                           generator=gen, step=run.step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
+            opt.step()
+            for rate, ema in run.emas.items():
+                ema_update(ema, run.model, rate)
+            run.step += 1
+            acc += loss.detach().float()
+            acc_mse += (tout.pred.detach().float() - tout.target.float()).square().mean()
+            n_acc += 1
+            t_train += time.perf_counter() - t0
+            if run.step % log_every == 0 or run.step == steps:
+                mean = float(acc) / n_acc  # the only host sync, once per log interval
+                if not math.isfinite(mean):
+                    raise DivergenceError(f"loss is {mean} at step {run.step} ({run.design.slug}); "
+                                          "lower train.lr, enable train.grad_clip or change the weighting")
+                now = time.perf_counter()
+                rate = n_acc / max(now - t_log, 1e-9)
+                mse = float(acc_mse) / n_acc
+                rep.metrics(run.step, {"train/loss": mean, "train/mse": mse, "train/steps_per_s": rate,
+                                       "time/train_s": t_train})
+                run.history.append((run.step, mean))
+                bar.set_postfix(loss=f"{mean:.4f}", it_s=f"{rate:.1f}")
+                bar.update(n_acc)
+                acc.zero_()
+                acc_mse.zero_()
+                n_acc, t_log = 0, now
+            if on_eval is not None:
+                on_eval(run, rep)
+            if tc.ckpt_every and run.step % int(tc.ckpt_every) == 0 and run.step < steps:
+                checkpoint()
+    finally:
+        bar.close()
+    checkpoint()
+    for nfe in cfg.sample.nfe:
+        x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=cfg.sample.cfg_scale)
+        ref = run.data.x[: 2000] if x.dim() == 2 else None
+        rep.artifact(save_samples(x, out / "samples" / f"nfe_{nfe}.png", ref), "samples")
+    rep.close()
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ablate.cli import run_cli
+
+    return run_cli(_main, argv, prog="python -m ablate.train")
+
+
+def _main(args) -> int:
+    from ablate.config import compose
+
+    cfg, source = compose(args.target, args.overrides)
+    if args.dry_run:
+        run_cfg = OmegaConf.to_container(cfg, resolve=True)
+        from ablate.data import load_data as _ld
+
+        data = _ld(run_cfg["data"])
+        design = resolve_design(run_cfg["design"], data.default_backbone())
+        build_components(design, data.shape, data.num_classes)
+        print(OmegaConf.to_yaml(cfg))
+        print(design.to_json())
+        print(f"out_dir: {default_out_dir(cfg, design)}")
+        return 0
+    run = train(cfg)
+    print(f"trained {run.design.slug} ({run.design.design_id}) for {run.step} steps -> {run.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

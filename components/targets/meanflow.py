@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from components.registry import TARGET
+from components.schedules import _bc
+from components.targets.base import Target, TargetOutput
+
+
+@TARGET.register("meanflow")
+class MeanFlow(Target):
+    """MeanFlow identity (Geng et al. 2025, eq. 10): u_tgt = ṽ − (t − r)·(d/dt) u_θ(z_t, r, t),
+
+    with the total derivative d/dt u = ṽ·∂_z u + ∂_t u taken by forward-mode JVP
+    (tangents (ṽ, 0, 1) for (z, r, t)) under stop-gradient; the JVP's primal
+    output is the prediction, so there is no second forward pass. The fused
+    attention kernels lack forward-mode AD, so attention runs on the math path
+    inside the JVP. ``jvp="finite_difference"`` uses the central difference
+    [u(z + hṽ, r, t + h) − u(z − hṽ, r, t − h)]/2h instead.
+    """
+
+    def __init__(self, jvp: Literal["exact", "finite_difference"] = "exact", fd_step: float = 1e-3,
+                 velocity: Literal["conditional", "plugin"] = "conditional", plugin_prob: float = 0.5):
+        super().__init__(velocity, plugin_prob)
+        if fd_step <= 0:
+            raise ValueError(f"fd_step must be > 0, got {fd_step}")
+        self.jvp, self.fd_step = jvp, fd_step
+
+    def __call__(self, nets, pb):
+        v = self.velocity(nets, pb)
+        u, dudt = self.total_derivative(nets.model, pb.z, pb.r, pb.t, pb.y, v)
+        target = v - _bc(pb.t - pb.r, v) * dudt
+        return TargetOutput(u, target.detach(), pb.t, pb.r)
+
+    def total_derivative(self, model, z, r, t, y, v):
+        """(u_θ(z, r, t), d/dt u_θ along (ṽ, 0, 1)); the second has no gradient."""
+        if self.jvp == "exact":
+            def f(z_, r_, t_):
+                return model(z_, r_, t_, y)
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                u, dudt = torch.func.jvp(f, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
+            return u, dudt.detach()
+        u = model(z, r, t, y)
+        h = self.fd_step
+        with torch.no_grad():
+            hv = h * v.to(z.dtype)
+            dudt = (model(z + hv, r, t + h, y) - model(z - hv, r, t - h, y)) / (2 * h)
+        return u, dudt
