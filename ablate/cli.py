@@ -25,6 +25,8 @@ def run_cli(fn, argv, prog: str) -> int:
     from components.registry import RegistryError
 
     args = parser(prog).parse_args(argv)
+    if args.target is not None and "=" in args.target:  # only overrides given: start from the defaults
+        args.overrides, args.target = [args.target, *args.overrides], None
     try:
         return fn(args)
     except ConfigError as exc:

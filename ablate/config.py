@@ -33,7 +33,7 @@ def compose(target: str | None, overrides: list[str] = (), extra_base: DictConfi
         base = OmegaConf.merge(base, extra_base)
     source = "<defaults>"
     if target is None:
-        cfg = base
+        cfg = base.copy()
     elif target.endswith((".yaml", ".yml")) or Path(target).exists():
         path = Path(target)
         source = str(path)
@@ -47,7 +47,7 @@ def compose(target: str | None, overrides: list[str] = (), extra_base: DictConfi
         if cfg.name is None:
             cfg.name = path.stem
     else:  # a preset name
-        cfg = base
+        cfg = base.copy()
         cfg.design = OmegaConf.create({"preset": target})
         cfg.name = target
         source = f"preset '{target}'"

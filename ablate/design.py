@@ -125,6 +125,8 @@ def resolve_design(spec: Mapping | str, default_backbone: dict | None = None, wh
             problems.append((f"{where}.{kind}", str(exc)))
             continue
         if choice is None or "name" not in choice:
+            if preset is not None and preset not in PRESETS:
+                continue  # the unknown preset is the problem; don't repeat it per kind
             problems.append((f"{where}.{kind}", f"no {kind} chosen: name a preset or set {where}.{kind}.name "
                                                 f"(one of {', '.join(REGISTRIES[kind].names())})"))
             continue

@@ -44,9 +44,10 @@ class TimeSampler:
             t, r = a, torch.zeros_like(a)
         else:
             b = self.draw(n, generator, device).clamp(T_MIN, 1.0)
-            t, r = torch.maximum(a, b), torch.minimum(a, b)
             pair = torch.rand(n, generator=generator, device=device) < self.fraction_r_neq_t
-            r = torch.where(pair, r, t)
+            # r = t rows keep the single draw's law; only pairs are sorted (t = max, r = min)
+            t = torch.where(pair, torch.maximum(a, b), a)
+            r = torch.where(pair, torch.minimum(a, b), a)
         return t, self._warm_start(r, step, generator)
 
     def _warm_start(self, r: Tensor, step: int, generator) -> Tensor:

@@ -27,8 +27,9 @@ def plugin_velocity(schedule: Schedule, z: Tensor, x: Tensor, t: Tensor,
     flagged ``unconditional`` (dropped labels), which mix the whole batch.
     """
     b = x.shape[0]
-    zf, xf = z.reshape(b, -1).float(), x.reshape(b, -1).float()
-    a, s = schedule.alpha(t).float(), schedule.sigma(t).float()
+    dt = torch.promote_types(x.dtype, torch.float32)  # never below fp32 (bf16 logits overflow)
+    zf, xf = z.reshape(b, -1).to(dt), x.reshape(b, -1).to(dt)
+    a, s = schedule.alpha(t).to(dt), schedule.sigma(t).to(dt)
     # ‖z_i − a_i x_j‖² = ‖z_i‖² − 2 a_i z_i·x_j + a_i² ‖x_j‖²; the ‖z_i‖² term cancels in the softmax.
     logits = (2 * a[:, None] * (zf @ xf.T) - a[:, None] ** 2 * (xf * xf).sum(1)[None, :]) / (2 * s[:, None] ** 2)
     if labels is not None:

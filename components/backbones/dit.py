@@ -51,7 +51,8 @@ class DiT(nn.Module):
 
     def __init__(self, size: Literal["T", "S", "B", "L", "XL"] = "S", patch: Literal[2, 4, 8] = 2,
                  step_embedding: Literal["difference", "log2"] = "difference", depth: int | None = None,
-                 hidden: int | None = None, heads: int | None = None, mlp_ratio: float = 4.0, *,
+                 hidden: int | None = None, heads: int | None = None, mlp_ratio: float = 4.0,
+                 time_scale: float = 1000.0, *,
                  data_shape=(4, 32, 32), num_classes: int = 0):
         super().__init__()
         if len(data_shape) != 3:
@@ -67,7 +68,7 @@ class DiT(nn.Module):
         self.embed = PatchEmbed((h, w), patch, c, hidden)
         self.grid = (h // patch, w // patch)
         self.register_buffer("pos", build_sincos2d_pos_embed(list(self.grid), hidden)[None], persistent=False)
-        self.cond = Conditioning(hidden, num_classes, step_embedding)
+        self.cond = Conditioning(hidden, num_classes, step_embedding, time_scale)
         self.blocks = nn.ModuleList(DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))

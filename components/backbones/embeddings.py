@@ -47,11 +47,12 @@ def step_feature(r: Tensor, t: Tensor, kind: StepEmbedding) -> Tensor:
 class Conditioning(nn.Module):
     """c = emb(t) + emb(step) + emb(y), labels 0..K−1 plus the null label K."""
 
-    def __init__(self, hidden: int, num_classes: int, step_embedding: StepEmbedding = "difference"):
+    def __init__(self, hidden: int, num_classes: int, step_embedding: StepEmbedding = "difference",
+                 time_scale: float = 1000.0):
         super().__init__()
         self.step_embedding = step_embedding
-        self.t_embed = ScalarEmbedder(hidden)
-        self.d_embed = ScalarEmbedder(hidden)
+        self.t_embed = ScalarEmbedder(hidden, scale=time_scale)
+        self.d_embed = ScalarEmbedder(hidden, scale=time_scale)
         self.y_embed = nn.Embedding(num_classes + 1, hidden)
 
     def forward(self, r: Tensor, t: Tensor, y: Tensor) -> Tensor:

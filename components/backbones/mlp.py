@@ -18,12 +18,12 @@ class MLP(nn.Module):
     """
 
     def __init__(self, width: int = 256, depth: int = 4,
-                 step_embedding: Literal["difference", "log2"] = "difference", *,
+                 step_embedding: Literal["difference", "log2"] = "difference", time_scale: float = 1000.0, *,
                  data_shape=(2,), num_classes: int = 0):
         super().__init__()
         self.data_shape = tuple(data_shape)
         dim = math.prod(self.data_shape)
-        self.cond = Conditioning(width, num_classes, step_embedding)
+        self.cond = Conditioning(width, num_classes, step_embedding, time_scale)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(
             nn.ModuleDict(dict(norm=nn.LayerNorm(width, elementwise_affine=False),

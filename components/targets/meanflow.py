@@ -45,8 +45,12 @@ class MeanFlow(Target):
                 u, dudt = torch.func.jvp(f, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
             return u, dudt.detach()
         u = model(z, r, t, y)
-        h = self.fd_step
-        with torch.no_grad():
-            hv = h * v.to(z.dtype)
-            dudt = (model(z + hv, r, t + h, y) - model(z - hv, r, t - h, y)) / (2 * h)
+        with torch.no_grad():  # central difference, kept inside r ≤ t ≤ 1
+            hi = (t + self.fd_step).clamp(max=1.0)
+            lo = torch.maximum(t - self.fd_step, r)
+            lo = torch.where(hi - lo > 0, lo, t - self.fd_step)  # r = t = 1: one-sided step below
+            vz = v.to(z.dtype)
+            u_hi = model(z + _bc(hi - t, z) * vz, r, hi, y)
+            u_lo = model(z + _bc(lo - t, z) * vz, r, lo, y)
+            dudt = (u_hi - u_lo) / _bc(hi - lo, z)
         return u, dudt

@@ -17,7 +17,7 @@ class Shortcut(Target):
     Rows whose step d = t − r exceeds the smallest step 1/``base_steps`` are
     bootstrap rows: with s = t − d/2 (the half-way time),
         u₁ = u_T(z_t, s, t),  z_s = z_t − (d/2)·u₁,  u₂ = u_T(z_s, r, s),
-        target = (u₁ + u₂)/2   (optionally clipped to ±``clip``),
+        target = (u₁ + u₂)/2   (clipped to ±``clip`` as in the released code; 0: no clipping),
     u_T the teacher (``teacher="ema"``: EMA weights at rate ``ema``, as in the
     released code; ``"online"``: the model itself) under no gradient, with CFG
     at scale ``bootstrap_cfg`` inside the teacher (1: off). The other rows are
@@ -25,7 +25,7 @@ class Shortcut(Target):
     """
 
     def __init__(self, base_steps: int = 128, teacher: Literal["ema", "online"] = "ema", ema: float = 0.999,
-                 clip: float | None = 4.0, bootstrap_cfg: float = 1.0,
+                 clip: float = 4.0, bootstrap_cfg: float = 1.0,
                  velocity: Literal["conditional", "plugin"] = "conditional", plugin_prob: float = 0.5):
         super().__init__(velocity, plugin_prob)
         if not 0.0 <= ema < 1.0:
@@ -60,4 +60,4 @@ class Shortcut(Target):
         z_s = z - _bc(t - s, z) * u1
         u2 = cfg_combine(teacher, z_s, r, s, y, null_label, self.bootstrap_cfg)
         u = 0.5 * (u1 + u2)
-        return u.clamp(-self.clip, self.clip) if self.clip is not None else u
+        return u.clamp(-self.clip, self.clip) if self.clip > 0 else u
