@@ -14,6 +14,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 BASE = Path(__file__).parent / "conf" / "base.yaml"
 OPEN_SECTIONS = {"data", "design"}  # plugin options: checked by the registries instead
+OPEN_PATHS = {"eval.extractor"}  # a plugin name or {name, **options}: checked by its registry
+
+
+def _under_open_path(key: str) -> str | None:
+    return next((p for p in OPEN_PATHS if key == p or key.startswith(p + ".")), None)
 
 
 class ConfigError(ValueError):
@@ -88,9 +93,13 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], base: DictConfig) -> 
             continue
         value = ov.value()
         section = key.split(".")[0]
-        if section not in OPEN_SECTIONS and OmegaConf.select(base, key, default="__missing__") == "__missing__":
+        open_path = _under_open_path(key)
+        if (section not in OPEN_SECTIONS and open_path is None
+                and OmegaConf.select(base, key, default="__missing__") == "__missing__"):
             problems.append((key, f"unknown key; valid keys here: {_siblings(base, key)}"))
             continue
+        if open_path and key != open_path and isinstance(OmegaConf.select(cfg, open_path), str):
+            OmegaConf.update(cfg, open_path, {"name": OmegaConf.select(cfg, open_path)}, merge=False)
         OmegaConf.update(cfg, key, _plain(value), merge=True, force_add=True)
     problems += check_keys(cfg, base)
     return problems
@@ -117,7 +126,7 @@ def check_keys(cfg: DictConfig, base: DictConfig, prefix: str = "") -> list[tupl
         path = f"{prefix}{key}"
         if key == "defaults" and not prefix:
             continue
-        if not prefix and key in OPEN_SECTIONS:
+        if (not prefix and key in OPEN_SECTIONS) or path in OPEN_PATHS:
             continue
         if key not in base:
             problems.append((path, f"unknown key; valid keys here: {', '.join(map(str, base.keys()))}"))

@@ -202,11 +202,12 @@ def cifar10(path: str = "~/data/cifar-10-batches-py", *, device="cpu") -> Data:
 
 
 @DATASET.register("latents")
-def latents(path: str = "", num_classes: int = 1000, scale: float = 1.0, *, device="cpu") -> Data:
+def latents(path: str = "", num_classes: int = 1000, scale: float = 1.0, vae: str = "", *, device="cpu") -> Data:
     """Precomputed VAE latents: ``path``/*.pt shards, each {'latents': (n, C, H, W), 'labels': (n,)}.
 
     Shards are loaded with ``weights_only=True``; ``scale`` multiplies the latents
-    (e.g. 0.18215 for SD-VAE). ``vae`` in ``meta`` names the decoder for evaluation.
+    (e.g. 0.18215 for SD-VAE). ``vae`` is a local diffusers AutoencoderKL folder that
+    decodes samples for image metrics (see ablate.vae); optional for training.
     """
     root = _need_dir(path, "latents")
     shards = sorted(root.glob("*.pt"))
@@ -220,10 +221,15 @@ def latents(path: str = "", num_classes: int = 1000, scale: float = 1.0, *, devi
         xs.append(d["latents"].float())
         ys.append(d["labels"].long())
     x, y = torch.cat(xs) * scale, torch.cat(ys)
-    return Data("latents", x.to(device), y.to(device), num_classes, "latent", meta={"path": str(root)})
+    if vae and not Path(vae).expanduser().is_dir():
+        raise DataError(f"latents: VAE folder '{vae}' does not exist (data.vae)")
+    return Data("latents", x.to(device), y.to(device), num_classes, "latent",
+                meta={"path": str(root), "vae": str(Path(vae).expanduser()) if vae else "", "scale": scale})
 
 
 def load_data(spec: dict, device="cpu") -> Data:
     spec = dict(spec)
     name = spec.pop("name", None)
-    return DATASET.build(name, spec, device=device)
+    data = DATASET.build(name, spec, device=device)
+    data.meta["spec"] = {"name": name, **DATASET.resolve(name, spec)}  # identifies the data in caches
+    return data

@@ -14,6 +14,7 @@ from pathlib import Path
 
 class Reporter:
     def metrics(self, step: int, values: dict[str, float], kind: str = "train") -> None: ...
+    def params(self, values: dict) -> None: ...  # run-level facts (e.g. the provenance of every FID)
     def artifact(self, path: Path, kind: str = "file") -> None: ...
     def close(self) -> None: ...
 
@@ -34,6 +35,7 @@ class LocalReporter(Reporter):
         elif self.jsonl.exists():
             self.jsonl.unlink()
             self.csv.unlink(missing_ok=True)
+            (self.dir / "params.json").unlink(missing_ok=True)
         new_csv = not self.csv.exists()
         self._csv_fh = open(self.csv, "a", newline="")
         self._csv = csv.writer(self._csv_fh)
@@ -52,6 +54,11 @@ class LocalReporter(Reporter):
             rows += [[rec["step"], rec["kind"], k, v] for k, v in rec["values"].items()]
         with open(self.csv, "w", newline="") as fh:
             csv.writer(fh).writerows(rows)
+
+    def params(self, values):
+        path = self.dir / "params.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        path.write_text(json.dumps({**old, **values}, indent=2, sort_keys=True, default=str))
 
     def metrics(self, step, values, kind="train"):
         clean = {k: (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else v) for k, v in values.items()}
@@ -77,6 +84,10 @@ class MultiReporter(Reporter):
     def artifact(self, path, kind="file"):
         for r in self.reporters:
             r.artifact(path, kind)
+
+    def params(self, values):
+        for r in self.reporters:
+            r.params(values)
 
     def close(self):
         for r in self.reporters:

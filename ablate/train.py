@@ -169,6 +169,19 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         run.step = resume_step = int(state["step"])
     local = LocalReporter(out, resume_step)
     rep = MultiReporter(local, reporter)
+    evaluator = make_evaluator(run)
+    if evaluator is not None:
+        rep.params({f"fid.{k}": v for k, v in evaluator.provenance.items()})
+    last_eval = [resume_step if resume_step is not None and _evaluated_at(out, resume_step) else None]
+
+    def evaluate():
+        grids = out / "samples" / "eval" if cfg.eval.grids else None
+        values = evaluator(run.step, grids)
+        rep.metrics(run.step, values, kind="eval")
+        last_eval[0] = run.step
+        if progress:
+            shown = "  ".join(f"{k}={v:.3g}" for k, v in values.items() if k.startswith("fid/"))
+            tqdm.write(f"step {run.step}: {shown}", file=sys.stderr)
     net = torch.compile(run.model) if tc.compile else run.model
     teacher_rate = run.comps.target.teacher_ema
     nets = Nets(model=net, teacher=run.emas[float(teacher_rate)] if teacher_rate is not None else net,
@@ -221,17 +234,21 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
                 rep.metrics(run.step, {"train/loss": mean, "train/mse": mse, "train/steps_per_s": rate,
                                        "time/train_s": t_train})
                 run.history.append((run.step, mean))
-                bar.set_postfix(loss=f"{mean:.4f}", it_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{mean:.4f}", mse=f"{mse:.4f}", it_s=f"{rate:.1f}")
                 bar.update(n_acc)
                 acc.zero_()
                 acc_mse.zero_()
                 n_acc, t_log = 0, now
+            if evaluator is not None and int(cfg.eval.every) and run.step % int(cfg.eval.every) == 0:
+                evaluate()
             if on_eval is not None:
                 on_eval(run, rep)
             if tc.ckpt_every and run.step % int(tc.ckpt_every) == 0 and run.step < steps:
                 checkpoint()
     finally:
         bar.close()
+    if evaluator is not None and cfg.eval.at_end and last_eval[0] != run.step:
+        evaluate()
     checkpoint()
     for nfe in cfg.sample.nfe:
         x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=cfg.sample.cfg_scale)
@@ -239,6 +256,24 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         rep.artifact(save_samples(x, out / "samples" / f"nfe_{nfe}.png", ref), "samples")
     rep.close()
     return run
+
+
+def make_evaluator(run: Run):
+    """The run's :class:`~ablate.evaluation.Evaluator`, or None when evaluation is off."""
+    ec = run.cfg.eval
+    if not int(ec.every) and not ec.at_end:
+        return None
+    from ablate.evaluation import Evaluator
+
+    return Evaluator(run, ec)
+
+
+def _evaluated_at(out: Path, step: int) -> bool:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return False
+    return any(json.loads(ln)["step"] == step and json.loads(ln)["kind"] == "eval"
+               for ln in path.read_text().splitlines() if ln)
 
 
 def main(argv: list[str] | None = None) -> int:

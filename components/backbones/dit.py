@@ -52,7 +52,7 @@ class DiT(nn.Module):
     def __init__(self, size: Literal["T", "S", "B", "L", "XL"] = "S", patch: Literal[2, 4, 8] = 2,
                  step_embedding: Literal["difference", "log2"] = "difference", depth: int | None = None,
                  hidden: int | None = None, heads: int | None = None, mlp_ratio: float = 4.0,
-                 time_scale: float = 1000.0, *,
+                 time_scale: float = 1.0, *,
                  data_shape=(4, 32, 32), num_classes: int = 0):
         super().__init__()
         if len(data_shape) != 3:

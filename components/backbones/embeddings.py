@@ -45,10 +45,16 @@ def step_feature(r: Tensor, t: Tensor, kind: StepEmbedding) -> Tensor:
 
 
 class Conditioning(nn.Module):
-    """c = emb(t) + emb(step) + emb(y), labels 0..K−1 plus the null label K."""
+    """c = emb(t) + emb(step) + emb(y), labels 0..K−1 plus the null label K.
+
+    ``time_scale`` multiplies t before the sinusoidal features. The default is 1
+    (c_noise(t) = t), not DiT's 1000: the MeanFlow/consistency targets take
+    ∂u/∂t by JVP, and a 1000× time scale makes that derivative, hence the
+    target, blow up (Lu & Song 2025, sCM §4); flow matching is indifferent.
+    """
 
     def __init__(self, hidden: int, num_classes: int, step_embedding: StepEmbedding = "difference",
-                 time_scale: float = 1000.0):
+                 time_scale: float = 1.0):
         super().__init__()
         self.step_embedding = step_embedding
         self.t_embed = ScalarEmbedder(hidden, scale=time_scale)

@@ -18,7 +18,7 @@ class MLP(nn.Module):
     """
 
     def __init__(self, width: int = 256, depth: int = 4,
-                 step_embedding: Literal["difference", "log2"] = "difference", time_scale: float = 1000.0, *,
+                 step_embedding: Literal["difference", "log2"] = "difference", time_scale: float = 1.0, *,
                  data_shape=(2,), num_classes: int = 0):
         super().__init__()
         self.data_shape = tuple(data_shape)

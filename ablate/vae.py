@@ -1,0 +1,46 @@
+"""Decoding latent samples to images before feature extraction (latent datasets only).
+
+The decoder is diffusers' ``AutoencoderKL`` (optional extra ``vae``), loaded
+from a local folder (``data.vae``) with ``local_files_only=True``: nothing is
+downloaded. A latent dataset's tensors are ``scale`` × the VAE's latents, so a
+sample z decodes as ``vae.decode(z / scale)``.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+
+class VAEError(ValueError):
+    pass
+
+
+@lru_cache(maxsize=4)
+def load_vae(path: str, device: str = "cpu"):
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as exc:
+        raise VAEError("decoding latents needs diffusers: pip install -e '.[vae]'") from exc
+    try:
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise VAEError(f"cannot load an AutoencoderKL from '{path}' (data.vae): {exc}") from exc
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def to_images(data, x: Tensor, batch_size: int = 64) -> Tensor:
+    """Data-space samples → images in [−1, 1] (decoded through the VAE for latent data)."""
+    if data.kind != "latent":
+        return x
+    path = data.meta.get("vae")
+    if not path:
+        raise VAEError(f"latent dataset at '{data.meta.get('path')}' has no decoder: set data.vae to a local "
+                       "AutoencoderKL folder to evaluate image metrics")
+    vae = load_vae(str(path), str(x.device))
+    scale = float(data.meta.get("scale", 1.0))
+    out = [vae.decode((x[i:i + batch_size] / scale).to(vae.dtype)).sample.float()
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out).clamp(-1, 1)
