@@ -17,15 +17,15 @@ def parser(prog: str, description: str = "") -> argparse.ArgumentParser:
     return p
 
 
-def run_cli(fn, argv, prog: str) -> int:
+def run_cli(fn, argv, prog: str, make_parser=None) -> int:
     from ablate.config import ConfigError
     from ablate.data import DataError
     from ablate.design import DesignError
     from ablate.train import DivergenceError
     from components.registry import RegistryError
 
-    args = parser(prog).parse_args(argv)
-    if args.target is not None and "=" in args.target:  # only overrides given: start from the defaults
+    args = (make_parser or parser)(prog).parse_args(argv)
+    if getattr(args, "overrides", None) is not None and args.target is not None and "=" in args.target:  # only overrides given: start from the defaults
         args.overrides, args.target = [args.target, *args.overrides], None
     try:
         return fn(args)
@@ -35,7 +35,7 @@ def run_cli(fn, argv, prog: str) -> int:
     except DesignError as exc:
         _err(f"invalid design ({args.target}):", [f"{k}: {m}" for k, m in exc.problems])
         return EXIT_BAD_INPUT
-    except (RegistryError, DataError) as exc:
+    except (RegistryError, DataError, FileNotFoundError) as exc:
         _err(f"{args.target}: {exc}")
         return EXIT_BAD_INPUT
     except DivergenceError as exc:

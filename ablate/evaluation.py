@@ -27,6 +27,7 @@ from ablate.features import Extractor, build_extractor, cache_root, digest
 from ablate.vae import to_images
 
 METRICS = ("fid", "kid", "prc")
+CHUNK = 1000  # images decoded and featurised at once
 PREPROCESS = {"uint8": "images quantised to uint8 (as PNG)", "float": "raw float coordinates"}
 
 
@@ -67,7 +68,8 @@ def reference(data, extractor: Extractor, split: str = "train", count: int = 0, 
         return Reference(feats, stats, prov, cache_hit=True)
     # a fixed, seeded subset when count < split size, so the same settings give the same reference
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    feats = extractor(to_images(data, x[idx.to(x.device)]))
+    idx = idx.to(x.device)  # decode (latents) and extract in chunks: a whole split may not fit decoded
+    feats = torch.cat([extractor(to_images(data, x[idx[i:i + CHUNK]])) for i in range(0, n, CHUNK)])
     stats = fid_features_to_statistics(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
@@ -143,18 +145,19 @@ class Evaluator:
             return run.emas[float(run.cfg.train.ema)]
         return run.model
 
-    def samples(self, nfe: int) -> Tensor:
+    def batches(self, nfe: int):
         """``num_samples`` data-space samples in fixed batches (seed + batch index), labels cycling 0..K−1."""
         run, bs = self.run, int(self.cfg.batch_size)
         k = run.data.num_classes
-        out = []
         for b, start in enumerate(range(0, self.num, bs)):
             n = min(bs, self.num - start)
             idx = torch.arange(start, start + n, device=run.device)
             labels = idx % k if k else torch.zeros(n, dtype=torch.long, device=run.device)
-            out.append(run.generate(n, nfe, seed=int(self.cfg.seed) * 100003 + b, cfg_scale=self.cfg.cfg_scale,
-                                    model=self.model(), labels=labels))
-        return torch.cat(out)
+            yield run.generate(n, nfe, seed=int(self.cfg.seed) * 100003 + b, cfg_scale=self.cfg.cfg_scale,
+                               model=self.model(), labels=labels)
+
+    def samples(self, nfe: int) -> Tensor:
+        return torch.cat(list(self.batches(nfe)))
 
     def __call__(self, step: int, grid_dir: Path | None = None) -> dict[str, float]:
         """{"fid/nfe_N": ..., ...} at every NFE (plus kid/precision/recall if asked)."""
@@ -162,17 +165,25 @@ class Evaluator:
 
         t0 = time.perf_counter()
         out = {}
+        names = {"fid": ["fid"], "kid": ["kid"], "prc": ["precision", "recall"]}
         for nfe in self.nfe:
-            x = self.samples(nfe)
-            if not torch.isfinite(x).all():
-                out[f"fid/nfe_{nfe}"] = float("nan")
+            feats, first, finite = [], None, True
+            for x in self.batches(nfe):  # decode and featurise batch by batch (latents may be large decoded)
+                finite = finite and bool(torch.isfinite(x).all())
+                if not finite:
+                    break
+                img = to_images(self.run.data, x)
+                first = img if first is None else first
+                feats.append(self.extractor(img))
+            if not finite:  # a diverged sampler: every metric is NaN, not silently missing
+                out.update({f"{n}/nfe_{nfe}": float("nan") for m in self.metrics for n in names[m]})
                 continue
-            feats = self.extractor(to_images(self.run.data, x))
+            feats = torch.cat(feats)
             for name, val in metrics_from_features(feats, self.ref, self.metrics, int(self.cfg.seed)).items():
                 out[f"{name}/nfe_{nfe}"] = float(val)
             if grid_dir is not None:
-                vis = to_images(self.run.data, x[:64]) if x.dim() > 2 else x[:2000]
-                ref = self.run.data.x[:2000] if x.dim() == 2 else None
+                vis = first[:64] if first.dim() > 2 else first[:2000]
+                ref = self.run.data.x[:2000] if first.dim() == 2 else None
                 save_samples(vis, Path(grid_dir) / f"step_{step:07d}_nfe_{nfe}.png", ref)
         self.seconds += time.perf_counter() - t0
         out["time/eval_s"] = self.seconds

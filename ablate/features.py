@@ -107,7 +107,8 @@ class ClassifierFeatures(FeatureExtractorBase):
             raise FeatureError("the classifier extractor needs feature_extractor_weights_path")
         state = torch.load(feature_extractor_weights_path, map_location="cpu", weights_only=True)
         m = state["meta"]
-        self.net = SmallCNN(m["in_channels"], m["num_classes"], m["width"])
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's global RNG
+            self.net = SmallCNN(m["in_channels"], m["num_classes"], m["width"])
         self.net.load_state_dict(state["model"])
 
     @staticmethod
@@ -210,11 +211,24 @@ def classifier(width: int = 64, epochs: int = 80, lr: float = 2e-3, batch_size: 
                      {"feature_extractor_weights_path": str(path)})
 
 
+@torch.enable_grad()  # callers may be under no_grad
 def train_classifier(data, path: Path, *, width: int, epochs: int, lr: float, batch_size: int, seed: int,
                      settings: dict) -> dict:
     """Deterministic CPU training (fixed seed, fixed batch order); writes {model, meta} atomically."""
     from tqdm import tqdm
 
+    from ablate.vae import to_images
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny CNN: one thread is fastest, and immune to oversubscription
+    try:
+        return _train_classifier(data, path, width=width, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                                 settings=settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_classifier(data, path: Path, *, width, epochs, lr, batch_size, seed, settings) -> dict:
     from ablate.vae import to_images
 
     g = torch.Generator().manual_seed(seed)

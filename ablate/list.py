@@ -10,8 +10,14 @@ from ablate.design import PRESETS
 from components.registry import REGISTRIES
 
 
+def _all_registries() -> dict:
+    from ablate.features import FEATURE_EXTRACTOR  # evaluation plugins (imports torch-fidelity)
+
+    return {**REGISTRIES, "feature_extractor": FEATURE_EXTRACTOR}
+
+
 def describe(kind: str) -> str:
-    reg = REGISTRIES[kind]
+    reg = _all_registries()[kind]
     lines = [f"{kind}"]
     for name in reg.names():
         entry = reg.get(name)
@@ -35,7 +41,7 @@ def describe_presets() -> str:
 
 
 def main(argv=None) -> int:
-    kinds = list(REGISTRIES) + ["preset"]
+    kinds = list(_all_registries()) + ["preset"]
     p = argparse.ArgumentParser(prog="python -m ablate.list", description=__doc__)
     p.add_argument("kind", nargs="?", help=f"one of: {', '.join(kinds)}")
     args = p.parse_args(argv)

@@ -2,8 +2,8 @@
 
 The decoder is diffusers' ``AutoencoderKL`` (optional extra ``vae``), loaded
 from a local folder (``data.vae``) with ``local_files_only=True``: nothing is
-downloaded. A latent dataset's tensors are ``scale`` × the VAE's latents, so a
-sample z decodes as ``vae.decode(z / scale)``.
+downloaded. A latent dataset's tensors are ``scale`` × (the VAE's latents −
+its ``shift_factor``, if any), so a sample z decodes as ``vae.decode(z / scale + shift)``.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def to_images(data, x: Tensor, batch_size: int = 64) -> Tensor:
                        "AutoencoderKL folder to evaluate image metrics")
     vae = load_vae(str(path), str(x.device))
     scale = float(data.meta.get("scale", 1.0))
-    out = [vae.decode((x[i:i + batch_size] / scale).to(vae.dtype)).sample.float()
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # SD3/FLUX VAEs: z = (latent − shift)·scale
+    out = [vae.decode((x[i:i + batch_size] / scale + shift).to(vae.dtype)).sample.float()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out).clamp(-1, 1)

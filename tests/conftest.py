@@ -3,3 +3,17 @@ import os
 
 # Never reach the network for model weights (timm/diffusers/torch-fidelity look here).
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Reference statistics and feature classifiers go to a per-session folder, not ~/.cache."""
+    old = os.environ.get("ABLATE_CACHE")
+    os.environ["ABLATE_CACHE"] = str(tmp_path_factory.mktemp("ablate-cache"))
+    yield
+    if old is None:
+        os.environ.pop("ABLATE_CACHE", None)
+    else:
+        os.environ["ABLATE_CACHE"] = old
