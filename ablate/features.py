@@ -215,8 +215,6 @@ def classifier(width: int = 64, epochs: int = 80, lr: float = 2e-3, batch_size: 
 def train_classifier(data, path: Path, *, width: int, epochs: int, lr: float, batch_size: int, seed: int,
                      settings: dict) -> dict:
     """Deterministic CPU training (fixed seed, fixed batch order); writes {model, meta} atomically."""
-    from tqdm import tqdm
-
     from ablate.vae import to_images
 
     threads = torch.get_num_threads()
@@ -229,6 +227,8 @@ def train_classifier(data, path: Path, *, width: int, epochs: int, lr: float, ba
 
 
 def _train_classifier(data, path: Path, *, width, epochs, lr, batch_size, seed, settings) -> dict:
+    from tqdm import tqdm
+
     from ablate.vae import to_images
 
     g = torch.Generator().manual_seed(seed)

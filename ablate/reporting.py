@@ -15,6 +15,7 @@ from pathlib import Path
 class Reporter:
     def metrics(self, step: int, values: dict[str, float], kind: str = "train") -> None: ...
     def params(self, values: dict) -> None: ...  # run-level facts (e.g. the provenance of every FID)
+    def checkpoint(self, path: Path, step: int) -> None: ...  # a checkpoint was written (atomically) at step
     def artifact(self, path: Path, kind: str = "file") -> None: ...
     def close(self) -> None: ...
 
@@ -88,6 +89,10 @@ class MultiReporter(Reporter):
     def params(self, values):
         for r in self.reporters:
             r.params(values)
+
+    def checkpoint(self, path, step):
+        for r in self.reporters:
+            r.checkpoint(path, step)
 
     def close(self):
         for r in self.reporters:

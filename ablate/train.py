@@ -178,6 +178,8 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         run.step = resume_step = int(state["step"])
     local = LocalReporter(out, resume_step)
     rep = MultiReporter(local, reporter)
+    rep.artifact(out / "design.json", "config")
+    rep.artifact(out / "config.yaml", "config")
     evaluator = make_evaluator(run)
     if evaluator is not None:
         rep.params({f"fid.{k}": v for k, v in evaluator.provenance.items()})
@@ -203,6 +205,7 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
             "weighting": run.comps.weighting.state_dict(),
             "emas": {str(k): v.state_dict() for k, v in run.emas.items()},
             "optimizer": opt.state_dict(), "gen": gen.get_state(), "data_gen": data_gen.get_state()})
+        rep.checkpoint(ckpt_path, run.step)
 
     steps, log_every = int(tc.steps), max(1, int(tc.log_every))
     bar = tqdm(total=steps, initial=run.step, disable=not progress, desc=run.design.slug[:40],
