@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 BASE = Path(__file__).parent / "conf" / "base.yaml"
 OPEN_SECTIONS = {"data", "design"}  # plugin options: checked by the registries instead
-OPEN_PATHS = {"eval.extractor", "search.grid"}  # a plugin name or {name, **options}: checked by its registry
+OPEN_PATHS = {"eval.extractor", "search.grid", "search.space"}  # a plugin name or {name, **options}: checked by its registry
 
 
 def _under_open_path(key: str) -> str | None:

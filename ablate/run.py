@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
@@ -38,57 +39,186 @@ def make_parser(prog: str) -> argparse.ArgumentParser:
 
 
 # -- trials ------------------------------------------------------------------------------
-def expand_trials(cfg: DictConfig, source: str) -> list[dict]:
-    """Full factorial of ``search.grid`` × seeds; every trial validated (design resolved) before anything runs."""
-    from ablate.data import load_data
-    from ablate.design import DesignError, resolve_design
+def expand_trials(cfg: DictConfig, source: str, dry_run: bool = False) -> list[dict]:
+    """Full factorial of ``search.grid`` × seeds (grid mode) or a validated space (optuna mode).
 
+    Every problem is collected and reported at once, before anything starts.
+    """
+    problems = validate_search(cfg)  # reported together with the designs' problems below
+    data_cache: dict = {}
+    if cfg.search.mode == "optuna":
+        trials = []
+        try:
+            corners = optuna_corners(cfg)  # every choice of every categorical, each once
+        except (KeyError, TypeError, AttributeError):
+            corners = []  # a malformed space: already reported by validate_search
+        for over in corners:
+            try:
+                trials.append(describe_trial(cfg, over, 0, data_cache, dry_run))
+            except ConfigError as exc:
+                problems += exc.problems
+        if problems:
+            raise ConfigError(source, _unique(problems))
+        return trials
     grid = OmegaConf.to_container(cfg.search.grid, resolve=True) or {}
-    problems = []
-    for key, values in grid.items():
+    grid = {k: v for k, v in grid.items() if isinstance(v, list) and v}
+    if int(cfg.search.seeds) < 1 or problems and not grid:
+        raise ConfigError(source, problems)
+    keys = list(grid)
+    trials, seen = [], set()
+    for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
+        over = dict(zip(keys, combo))
+        for seed in range(int(cfg.search.seeds)):
+            try:
+                t = describe_trial(cfg, over, seed, data_cache, dry_run)
+            except ConfigError as exc:
+                problems += exc.problems
+                break
+            if t["key"] not in seen:  # two grid points may resolve to the same design
+                seen.add(t["key"])
+                trials.append(t)
+    if problems:
+        raise ConfigError(source, _unique(problems))
+    return trials
+
+
+def _unique(problems):
+    return list(dict.fromkeys(problems))
+
+
+def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
+    s, problems = cfg.search, []
+    if s.mode not in ("grid", "optuna"):
+        problems.append(("search.mode", f"must be grid or optuna, got {s.mode!r}"))
+    for key, values in (OmegaConf.to_container(s.grid, resolve=True) or {}).items():
         if not isinstance(values, list) or not values:
             problems.append((f"search.grid.{key}", "must be a non-empty list of values"))
         elif key.split(".")[0] not in ("design", "train", "data"):
             problems.append((f"search.grid.{key}", "only design.*, train.* and data.* keys can be searched"))
-    seeds = int(cfg.search.seeds)
-    if seeds < 1:
-        problems.append(("search.seeds", f"must be ≥ 1, got {seeds}"))
+    for key, spec in (OmegaConf.to_container(s.space, resolve=True) or {}).items():
+        where = f"search.space.{key}"
+        if key.split(".")[0] not in ("design", "train"):
+            problems.append((where, "only design.* and train.* keys can be searched"))
+        if not isinstance(spec, dict) or not ({"choices"} <= set(spec) or {"low", "high"} <= set(spec)):
+            problems.append((where, "must be {choices: [...]} or {low: ..., high: ..., log: bool, int: bool}"))
+            continue
+        extra = set(spec) - {"choices", "low", "high", "log", "int", "when"}
+        if extra:
+            problems.append((where, f"unknown key(s) {sorted(extra)}; valid: choices, low, high, log, int, when"))
+        if "low" in spec and not spec["low"] < spec["high"]:
+            problems.append((where, f"low must be < high, got {spec['low']} and {spec['high']}"))
+        if "when" in spec and not isinstance(spec["when"], dict):
+            problems.append((f"{where}.when", "must map a searched key to the value(s) that enable this one"))
+    if s.mode == "optuna":
+        if not s.space:
+            problems.append(("search.space", "an optuna search needs a space"))
+        if int(s.num_samples) < 1:
+            problems.append(("search.num_samples", f"must be ≥ 1, got {s.num_samples}"))
+        if s.sampler not in SAMPLERS:
+            problems.append(("search.sampler", f"unknown sampler {s.sampler!r}; valid: {', '.join(SAMPLERS)}"))
+    if int(s.seeds) < 1:
+        problems.append(("search.seeds", f"must be ≥ 1, got {s.seeds}"))
+    if not list(s.objective):
+        problems.append(("search.objective", "name at least one metric, e.g. fid/nfe_1"))
+    for obj in s.objective:
+        nfe = str(obj).rsplit("_", 1)[-1]
+        if str(obj).startswith(("fid/", "kid/")) and (not nfe.isdigit() or int(nfe) not in list(cfg.eval.nfe)):
+            problems.append(("search.objective", f"{obj} is not evaluated: eval.nfe is {list(cfg.eval.nfe)}"))
     if not list(cfg.eval.nfe):
         problems.append(("eval.nfe", "the NFE list is empty"))
-    if problems:
-        raise ConfigError(source, problems)
-    keys = list(grid)
-    data_cache = {}
-    trials, seen = [], set()
-    for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
-        over = dict(zip(keys, combo))
-        tc = trial_config(cfg, over, 0)
-        data_spec = OmegaConf.to_container(tc.data, resolve=True)
-        dkey = json.dumps(data_spec, sort_keys=True)
-        if dkey not in data_cache:
-            data_cache[dkey] = load_data(data_spec)
+    if s.scheduler not in ("none", "asha"):
+        problems.append(("search.scheduler", f"must be none or asha, got {s.scheduler!r}"))
+    if s.scheduler == "asha" and not int(cfg.eval.every):
+        problems.append(("search.scheduler", "asha stops trials on the FID curve: set eval.every > 0"))
+    return problems
+
+
+def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | None = None,
+                   dry_run: bool = False) -> dict:
+    """The trial for overrides ``over`` and ``seed``: resolved design, stable key, flat params."""
+    from ablate.data import DataError, load_data
+    from ablate.design import DesignError, build_components, resolve_design
+    from components.registry import RegistryError
+
+    data_cache = {} if data_cache is None else data_cache
+    tc = trial_config(cfg, over, seed)
+    where = ", ".join(f"{k}={v}" for k, v in over.items()) or "the base design"
+    data_spec = OmegaConf.to_container(tc.data, resolve=True)
+    dkey = json.dumps(data_spec, sort_keys=True)
+    if dkey not in data_cache:
         try:
-            design = resolve_design(OmegaConf.to_container(tc.design, resolve=True),
-                                    data_cache[dkey].default_backbone())
-        except DesignError as exc:
-            where = ", ".join(f"{k}={v}" for k, v in over.items()) or "the base design"
-            raise ConfigError(source, [(k, f"{m} (in trial {where})") for k, m in exc.problems]) from exc
-        other = {k: v for k, v in over.items() if not k.startswith("design.")}  # train/data settings
-        tag = f"-{hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""
-        for seed in range(seeds):
-            key = f"{design.design_id}{tag}-s{seed}"
-            if key in seen:
-                continue  # two grid points that resolve to the same design
-            seen.add(key)
-            trials.append({"key": key, "overrides": over, "seed": seed, "slug": design.slug,
-                           "design_id": design.design_id, "params": design.flat_params()})
-    return trials
+            data_cache[dkey] = load_data(data_spec)
+        except (DataError, RegistryError) as exc:
+            if not dry_run or isinstance(exc, RegistryError):
+                raise ConfigError("", [("data", str(exc))]) from exc
+            print(f"note: data not loaded ({exc}); validating the designs without it")
+            data_cache[dkey] = None
+    data = data_cache[dkey]
+    try:
+        design = resolve_design(OmegaConf.to_container(tc.design, resolve=True),
+                                data.default_backbone() if data is not None else {"name": "dit"})
+        if data is not None and math.prod(data.shape) <= 4096:  # small: building is cheap, checks combinations
+            build_components(design, data.shape, data.num_classes)
+    except DesignError as exc:
+        raise ConfigError("", [(k, f"{m} (in trial {where})") for k, m in exc.problems]) from exc
+    other = {k: v for k, v in over.items() if not k.startswith("design.")}  # train/data settings
+    tag = f"-{hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""
+    return {"key": f"{design.design_id}{tag}-s{seed}", "overrides": over, "seed": seed, "slug": design.slug,
+            "design_id": design.design_id, "params": design.flat_params()}
+
+
+SAMPLERS = ("tpe", "gp", "nsga2", "random")
+
+
+def optuna_corners(cfg: DictConfig) -> list[dict]:
+    """One override set per categorical choice (others at their first choice/low end), for validation."""
+    space = OmegaConf.to_container(cfg.search.space, resolve=True)
+    base = {k: (v["choices"][0] if "choices" in v else v["low"]) for k, v in space.items()}
+    out = [base]
+    for k, v in space.items():
+        for c in v.get("choices", [])[1:]:
+            out.append({**base, k: c})
+    return [active(o, space) for o in out]
+
+
+def active(values: dict, space: dict) -> dict:
+    """Drop keys whose ``when`` condition does not hold (conditional kwargs)."""
+    def ok(spec):
+        for ck, cv in (spec.get("when") or {}).items():
+            allowed = cv if isinstance(cv, list) else [cv]
+            if values.get(ck) not in allowed:
+                return False
+        return True
+
+    return {k: v for k, v in values.items() if ok(space[k])}
+
+
+class OptunaSpace:
+    """Define-by-run search space for OptunaSearch (picklable): conditional keys are suggested only when enabled."""
+
+    def __init__(self, space: dict):
+        self.space = space
+
+    def __call__(self, trial):
+        chosen = {}
+        for key, spec in self.space.items():
+            cond = spec.get("when") or {}
+            if any(chosen.get(ck) not in (cv if isinstance(cv, list) else [cv]) for ck, cv in cond.items()):
+                continue
+            if "choices" in spec:
+                chosen[key] = trial.suggest_categorical(key, spec["choices"])
+            elif spec.get("int"):
+                chosen[key] = trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+            else:
+                chosen[key] = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                                  log=bool(spec.get("log")))
+        return None
 
 
 def trial_config(cfg: DictConfig, overrides: dict, seed: int) -> DictConfig:
     tc = cfg.copy()
     for k, v in overrides.items():
-        if k.startswith("design.") and isinstance(v, str) and k.count(".") == 1:
+        if k.startswith("design.") and k != "design.preset" and isinstance(v, str) and k.count(".") == 1:
             OmegaConf.update(tc, k, {"name": v}, merge=False)  # design.<kind>=<name>: a fresh component
         else:
             OmegaConf.update(tc, k, v, merge=True, force_add=True)
@@ -96,20 +226,28 @@ def trial_config(cfg: DictConfig, overrides: dict, seed: int) -> DictConfig:
     return tc
 
 
-def storage_root(cfg: DictConfig) -> Path:
-    return Path(cfg.resources.storage or Path("runs") / "studies").expanduser().resolve()
+def storage_root(cfg: DictConfig) -> str:
+    """Where Tune keeps the study: a local/shared path (resolved) or a URI (s3://, gs://, ...) kept as is."""
+    storage = str(cfg.resources.storage or Path("runs") / "studies")
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
 
 
 # -- the trial function (runs in a Ray worker) ------------------------------------------
 def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: str, trials_dir: str) -> None:
+    import ray
     from ray import tune
 
     from ablate import tracking
     from ablate.reporting import Reporter
     from ablate.train import train
 
-    t = config["trial"]
-    cfg = trial_config(OmegaConf.create(study_yaml), t["overrides"], t["seed"])
+    study = OmegaConf.create(study_yaml)
+    if "trial" in config:  # grid: the trial was described (and validated) by the driver
+        t = config["trial"]
+    else:  # optuna: the sampled keys, plus Repeater's index as the seed
+        over = {k: v for k, v in config.items() if not k.startswith("__")}
+        t = describe_trial(study, over, int(config.get("__trial_index__", 0)))
+    cfg = trial_config(study, t["overrides"], t["seed"])
     out = Path(trials_dir) / t["key"]
     cfg.train.out_dir = str(out)
     cl = tracking.client(uri)
@@ -140,8 +278,10 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
         def metrics(self, step, values, kind="train"):
             mlrep.metrics(step, values, kind)
             self.last.update(values)
-            if kind == "eval":
-                tune.report({**self.last, "step": step})
+            if kind == "eval":  # evaluations follow a checkpoint at their step: safe to write now
+                mlrep.flush()
+                if step < total:  # the final result is reported once the trial is complete (below)
+                    tune.report({**self.last, "step": step})
 
         def params(self, values):
             mlrep.params(values)
@@ -150,17 +290,35 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
             mlrep.artifact(path, kind)
 
         def checkpoint(self, path, step):
-            tune.report({**self.last, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
+            mlrep.checkpoint(path, step)
+            # Tune's searchers and schedulers read the objective from every result: until the first evaluation
+            # the checkpoint stays local (the trial folder, which a resume on this node reads first)
+            if step < total and all(o in self.last for o in objectives):
+                tune.report({**self.last, "step": step},
+                            checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
 
+        def close(self):
+            mlrep.close()
+
+    objectives = [str(o) for o in cfg.search.objective]
+    total = int(cfg.train.steps)
     rep = TuneReporter()
+    retry(cl.set_tag, run_id, "node", ray.get_runtime_context().get_node_id())
     try:
         train(cfg, reporter=rep, progress=False)
+    except SystemExit:  # Tune stopped the trial (early stopping): not a failure
+        mlrep.close()
+        retry(cl.set_tag, run_id, "stopped", "early stopping by the scheduler")
+        retry(cl.set_terminated, run_id, status="KILLED")
+        raise
     except BaseException as exc:
         retry(cl.set_tag, run_id, "error", f"{type(exc).__name__}: {exc}"[:5000])
         retry(cl.set_terminated, run_id, status="FAILED")
         raise
+    mlrep.close()
     (out / "final.json").write_text(json.dumps(rep.last))
     retry(cl.set_terminated, run_id, status="FINISHED")
+    tune.report({**rep.last, "step": total}, checkpoint=tune.Checkpoint.from_directory(str(out)))
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -170,21 +328,26 @@ def _main(args) -> int:
     cfg, source = compose(args.target, args.overrides)
     name = str(cfg.name or Path(args.target).stem)
     cfg.name = name
-    trials = expand_trials(cfg, source)
+    trials = expand_trials(cfg, source, dry_run=args.dry_run)
     res = cfg.resources
     root = storage_root(cfg)
-    print(f"study {name}: {len(trials)} trials ({source})")
+    if cfg.search.mode == "optuna":
+        print(f"study {name}: optuna ({cfg.search.sampler}) over {list(cfg.search.space)}, "
+              f"{cfg.search.num_samples} designs × {cfg.search.seeds} seeds, objective {list(cfg.search.objective)}"
+              f" ({source}); the space was validated on these designs:")
+    else:
+        print(f"study {name}: {len(trials)} trials ({source})")
     for t in trials:
         print(f"  {t['key']}  {t['slug']}  seed {t['seed']}  " + " ".join(f"{k}={v}" for k, v in t["overrides"].items()))
     print(f"resources: {res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU per trial; at most "
           f"{res.max_concurrent or 'unlimited'} at once; Ray at {res.address or os.environ.get('RAY_ADDRESS') or 'local'}")
-    print(f"storage: {root / name}")
+    print(f"storage: {root}/{name}")
     if args.dry_run:
         return 0
     return launch(cfg, trials, root, fresh=args.fresh)
 
 
-def launch(cfg: DictConfig, trials: list[dict], root: Path, fresh: bool = False) -> int:
+def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) -> int:
     import ray
     from ray import tune
 
@@ -193,12 +356,18 @@ def launch(cfg: DictConfig, trials: list[dict], root: Path, fresh: bool = False)
     name, res = str(cfg.name), cfg.resources
     uri = tracking.tracking_uri(cfg.tracking.uri)
     cl = tracking.client(uri)
-    exp_id = tracking.experiment_id(cl, str(cfg.tracking.experiment or name), cfg.tracking.artifact_location)
-    exp_dir = root / name
-    if fresh and exp_dir.exists():
+    artifacts = cfg.tracking.artifact_location
+    if artifacts is None and uri.startswith("sqlite:") and "://" not in root:
+        artifacts = Path(root, name, "mlartifacts").as_uri()  # explicit, next to the study (not ./mlruns)
+    exp_id = tracking.experiment_id(cl, str(cfg.tracking.experiment or name), artifacts)
+    remote = "://" in root
+    exp_dir = f"{root}/{name}"
+    if fresh and not remote and Path(exp_dir).exists():
         shutil.rmtree(exp_dir)
     parent_id = tracking.parent_run(cl, exp_id, name, fresh=fresh)
-    trials_dir = exp_dir / "trials"
+    # trial run folders: beside the Tune state on a local/shared path; node-local under a URI (a trial that
+    # moves to another node continues from the Tune checkpoint in the URI storage)
+    trials_dir = Path(exp_dir) / "trials" if not remote else Path("~/.cache/ablate/trials").expanduser() / name
     trials_dir.mkdir(parents=True, exist_ok=True)
     study_yaml = OmegaConf.to_yaml(cfg)
     trainable = tune.with_resources(
@@ -209,18 +378,19 @@ def launch(cfg: DictConfig, trials: list[dict], root: Path, fresh: bool = False)
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
     objective = list(cfg.search.objective)[0]
-    tune_cfg = tune.TuneConfig(max_concurrent_trials=int(res.max_concurrent) or None, metric=objective, mode="min")
+    tune_cfg = tune_config(cfg)
     run_cfg = tune.RunConfig(name=name, storage_path=str(root), verbose=1,
                              failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
                              checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-    path = str(exp_dir)
+    path = exp_dir
     if not fresh and tune.Tuner.can_restore(path):
         print(f"resuming study {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(trials)}, tune_config=tune_cfg,
-                           run_config=run_cfg)
+        space = {"trial": tune.grid_search(trials)} if cfg.search.mode == "grid" else {}
+        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_cfg, run_config=run_cfg)
     results = tuner.fit()
+    close_unfinished(cl, exp_id, parent_id, trials_dir)
     errors = [r for r in results if r.error is not None]
     tracking.retry(cl.set_terminated, parent_id, status="FAILED" if len(errors) == len(results) else "FINISHED")
     df = results.get_dataframe()
@@ -233,6 +403,55 @@ def launch(cfg: DictConfig, trials: list[dict], root: Path, fresh: bool = False)
           f"mlflow ui --backend-store-uri {uri}")
     ray.shutdown()
     return 0 if not errors else 1
+
+
+def tune_config(cfg: DictConfig):
+    """TuneConfig with the Optuna searcher (optuna mode) and ASHA (scheduler: asha)."""
+    from ray import tune
+
+    s = cfg.search
+    objectives = [str(o) for o in s.objective]
+    limit = int(cfg.resources.max_concurrent) or None
+    scheduler = None
+    if s.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="step", metric=objectives[0], mode="min", max_t=int(cfg.train.steps),
+                                  grace_period=int(s.grace_period) or int(cfg.eval.every),
+                                  reduction_factor=float(s.reduction_factor))
+    if s.mode == "grid":
+        if scheduler is not None:
+            return tune.TuneConfig(max_concurrent_trials=limit, scheduler=scheduler)
+        return tune.TuneConfig(max_concurrent_trials=limit, metric=objectives[0], mode="min")
+    import optuna
+    from ray.tune.search import ConcurrencyLimiter, Repeater
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = int(s.sampler_seed)
+    sampler = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+               "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+               "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=seed)}[s.sampler]()
+    multi = len(objectives) > 1
+    searcher = OptunaSearch(space=OptunaSpace(OmegaConf.to_container(s.space, resolve=True)),
+                            metric=objectives if multi else objectives[0],
+                            mode=["min"] * len(objectives) if multi else "min", sampler=sampler)
+    if int(s.seeds) > 1:
+        searcher = Repeater(searcher, repeat=int(s.seeds))
+    if limit:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=limit)
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(s.num_samples) * int(s.seeds))
+
+
+def close_unfinished(cl, exp_id: str, parent_id: str, trials_dir: Path) -> None:
+    """Child runs left RUNNING (stopped early by ASHA, or cut off) are closed as KILLED, with the reason."""
+    from ablate import tracking
+
+    runs = tracking.retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+                                                                 "and attributes.status = 'RUNNING'")
+    for r in runs:
+        tracking.retry(cl.set_tag, r.info.run_id, "stopped", "early stopping or interruption")
+        tracking.retry(cl.set_terminated, r.info.run_id, status="KILLED")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,18 +84,34 @@ def child_run(cl, exp_id: str, parent_id: str, key: str, name: str, tags: dict) 
 
 
 class MlflowReporter(Reporter):
-    """Metrics (step-indexed), params and artifacts of one trial into its child run."""
+    """Metrics (step-indexed), params and artifacts of one trial into its child run.
+
+    Metrics are held back until the checkpoint that covers their step is on
+    disk (or the run ends): a run killed between checkpoints resumes from the
+    last one and re-reports those steps, so nothing is ever recorded twice.
+    """
 
     def __init__(self, uri: str, run_id: str):
         self.cl, self.run_id = client(uri), run_id
+        self.pending: list = []
 
     def metrics(self, step, values, kind="train"):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        ms = [Metric(k, float(v), now, int(step)) for k, v in values.items() if isinstance(v, (int, float))]
-        if ms:
-            retry(self.cl.log_batch, self.run_id, metrics=ms)
+        self.pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()
+                         if isinstance(v, (int, float))]
+
+    def checkpoint(self, path, step):
+        self.flush()
+
+    def flush(self):
+        for i in range(0, len(self.pending), 500):
+            retry(self.cl.log_batch, self.run_id, metrics=self.pending[i:i + 500])
+        self.pending = []
+
+    def close(self):
+        self.flush()
 
     def params(self, values):
         from mlflow.entities import Param

@@ -177,7 +177,7 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         data_gen.set_state(state["data_gen"].cpu())
         run.step = resume_step = int(state["step"])
     local = LocalReporter(out, resume_step)
-    rep = MultiReporter(local, reporter)
+    rep = MultiReporter(reporter, local)  # the tracker first: a record it lacks is never marked done locally
     rep.artifact(out / "design.json", "config")
     rep.artifact(out / "config.yaml", "config")
     evaluator = make_evaluator(run)
@@ -207,6 +207,9 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
             "optimizer": opt.state_dict(), "gen": gen.get_state(), "data_gen": data_gen.get_state()})
         rep.checkpoint(ckpt_path, run.step)
 
+    every = int(cfg.eval.every) if evaluator is not None else 0
+    if every and resume_step and resume_step % every == 0 and last_eval[0] != resume_step:
+        evaluate()  # interrupted between the checkpoint and its evaluation
     steps, log_every = int(tc.steps), max(1, int(tc.log_every))
     bar = tqdm(total=steps, initial=run.step, disable=not progress, desc=run.design.slug[:40],
                dynamic_ncols=True, file=sys.stderr)
@@ -252,16 +255,17 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
                 acc_mse.zero_()
                 n_acc, t_log = 0, now
             if evaluator is not None and int(cfg.eval.every) and run.step % int(cfg.eval.every) == 0:
+                checkpoint()  # first: an evaluation is always of a state that a resume can reach
                 evaluate()
+            elif tc.ckpt_every and run.step % int(tc.ckpt_every) == 0 and run.step < steps:
+                checkpoint()
             if on_eval is not None:
                 on_eval(run, rep)
-            if tc.ckpt_every and run.step % int(tc.ckpt_every) == 0 and run.step < steps:
-                checkpoint()
     finally:
         bar.close()
+    checkpoint()
     if evaluator is not None and cfg.eval.at_end and last_eval[0] != run.step:
         evaluate()
-    checkpoint()
     for nfe in cfg.sample.nfe:
         x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=cfg.sample.cfg_scale)
         ref = run.data.x[: 2000] if x.dim() == 2 else None
