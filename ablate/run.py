@@ -8,9 +8,9 @@ so running the same command again restores it: finished trials are kept,
 unfinished and errored ones continue from their last checkpoint. ``--fresh``
 starts over.
 
-Status: grid search over any design/train key with seeds as repeats. The
-Optuna search, ASHA early stopping and the cluster test of issue 4 are not
-built yet.
+Search: ``grid`` (full factorial, seeds as repeats) or ``optuna`` (Ray Tune's
+OptunaSearch over a define-by-run space with conditional keys), optionally
+with ASHA early stopping.
 """
 from __future__ import annotations
 
