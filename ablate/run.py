@@ -393,14 +393,16 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
     close_unfinished(cl, exp_id, parent_id, trials_dir)
     errors = [r for r in results if r.error is not None]
     tracking.retry(cl.set_terminated, parent_id, status="FAILED" if len(errors) == len(results) else "FINISHED")
-    df = results.get_dataframe()
-    cols = [c for c in df.columns if c.startswith("fid/")]
-    slug_col = next((c for c in ("config/trial/slug", "config/trial") if c in df), None)
-    if cols and slug_col:
-        df["design"] = df[slug_col].map(lambda t: t["slug"] if isinstance(t, dict) else t)
-        print(df.groupby("design")[cols].agg(["mean", "std", "count"]).sort_values((objective, "mean")).to_string())
-    print(f"{len(results) - len(errors)} trials finished, {len(errors)} failed; "
-          f"mlflow ui --backend-store-uri {uri}")
+    try:  # the report never decides the study's outcome
+        from dashboards.report import terminal_summary, write
+
+        out, summary = write(name, uri, Path(exp_dir) / "report.html" if not remote else None, objective)
+        print(terminal_summary(summary))
+        print(f"report: {out}")
+    except Exception as exc:  # noqa: BLE001
+        print(f"(no report: {type(exc).__name__}: {exc}; rebuild it with python -m dashboards.report {name})")
+    print(f"{len(results) - len(errors)} trials finished, {len(errors)} failed; browse with:\n"
+          f"  mlflow ui --backend-store-uri {uri}")
     ray.shutdown()
     return 0 if not errors else 1
 

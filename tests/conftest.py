@@ -17,3 +17,6 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("ABLATE_CACHE", None)
     else:
         os.environ["ABLATE_CACHE"] = old
+
+
+from tests.study_fixture import study  # noqa: E402,F401  (a tiny real study, shared)
