@@ -25,8 +25,16 @@ from components.registry import DESIGN_KINDS, REGISTRIES, RegistryError
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 
 
-def register_preset(name: str, design: dict[str, dict[str, Any]], paper: str = "") -> None:
-    PRESETS[name] = {"_paper": paper, **copy.deepcopy(design)}
+def register_preset(name: str, design: dict[str, dict[str, Any]], paper: str = "",
+                    train: dict[str, Any] | None = None) -> None:
+    """A named design. ``train``: training settings the method's paper uses that are not components
+    (e.g. ESC's class-consistent batches); they apply where the run leaves the setting unset (null)."""
+    PRESETS[name] = {"_paper": paper, "_train": dict(train or {}), **copy.deepcopy(design)}
+
+
+def preset_train_setting(preset: str | None, key: str, default: Any = None) -> Any:
+    """The preset's recommended ``train.<key>``, or ``default``."""
+    return PRESETS.get(preset or "", {}).get("_train", {}).get(key, default)
 
 
 class DesignError(ValueError):
@@ -149,8 +157,12 @@ def _merge(base: dict | None, override: Any) -> dict | None:
     return {**base, **over}
 
 
-def build_components(design: Design, data_shape: tuple, num_classes: int) -> Components:
-    """Instantiate every component; raise DesignError if the combination cannot work."""
+def build_components(design: Design, data_shape: tuple, num_classes: int,
+                     train_steps: int | None = None) -> Components:
+    """Instantiate every component; raise DesignError if the combination cannot work.
+
+    ``train_steps`` (the run's length) is a fact for options given as a fraction of the run.
+    """
     from components.registry import BACKBONE, GUIDANCE, SCHEDULE, TARGET, TIME_SAMPLER, WEIGHTING
 
     problems = []
@@ -158,9 +170,11 @@ def build_components(design: Design, data_shape: tuple, num_classes: int) -> Com
         schedule = SCHEDULE.build(design.name("schedule"), design.kwargs("schedule"))
         built = dict(
             schedule=schedule,
-            time_sampler=TIME_SAMPLER.build(design.name("time_sampler"), design.kwargs("time_sampler"), schedule=schedule),
+            time_sampler=TIME_SAMPLER.build(design.name("time_sampler"), design.kwargs("time_sampler"),
+                                            schedule=schedule, train_steps=train_steps),
             target=TARGET.build(design.name("target"), design.kwargs("target")),
-            weighting=WEIGHTING.build(design.name("weighting"), design.kwargs("weighting"), data_shape=data_shape),
+            weighting=WEIGHTING.build(design.name("weighting"), design.kwargs("weighting"), data_shape=data_shape,
+                                      schedule=schedule),
             backbone=BACKBONE.build(design.name("backbone"), design.kwargs("backbone"), data_shape=data_shape,
                                     num_classes=num_classes),
             guidance=GUIDANCE.build(design.name("guidance"), design.kwargs("guidance")),
@@ -200,3 +214,41 @@ register_preset("meanflow", {
     "weighting": {"name": "adaptive", "p": 1.0},
     "guidance": {"name": "meanflow_cfg"},
 }, paper="Geng et al., Mean Flows for One-step Generative Modeling, 2025")
+
+# The rest of the unified design space (ESC, Lin, Hu et al. 2026, Table 1), each a composition of plugins.
+for _name, _path in (("ct", "cosine"), ("ct_linear", "linear")):
+    register_preset(_name, {
+        "schedule": {"name": _path},
+        "time_sampler": {"name": "discrete", "steps": 64, "grid": "karras", "index": "lognormal"},
+        "target": {"name": "consistency", "mode": "discrete", "space": "data", "teacher": "online"},
+        "weighting": {"name": "pseudo_huber"},
+        "guidance": {"name": "cfg"},
+    }, paper="Song et al., Consistency Models, ICML 2023; improved CT (online teacher, pseudo-Huber, "
+             "log-normal index), Song & Dhariwal, ICLR 2024")
+
+for _name, _path in (("sct", "cosine"), ("sct_linear", "linear")):
+    register_preset(_name, {
+        "schedule": {"name": _path},
+        "time_sampler": {"name": "lognormal_sigma", "p_mean": -1.0, "p_std": 1.4, "r_mode": "zero"},
+        "target": {"name": "consistency", "mode": "continuous", "jvp": "exact", "tangent_norm": 0.1},
+        "weighting": {"name": "l2"},
+        "guidance": {"name": "cfg"},
+    }, paper="Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models, ICLR 2025")
+
+register_preset("imm", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "imm", "group_size": 4},
+    "target": {"name": "imm", "k": 12, "mapping": "eta", "teacher": "online"},
+    "weighting": {"name": "mmd", "kernel": "laplace", "time_weight": "imm"},
+    "guidance": {"name": "cfg"},
+}, paper="Zhou, Ermon, Song, Inductive Moment Matching, ICML 2025")
+
+register_preset("esc", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.25,
+                     "r_zero_warmup": 20000},
+    "target": {"name": "meanflow", "jvp": "exact", "velocity": "plugin", "plugin_prob": 0.5},
+    "weighting": {"name": "learned_logvar", "base": "adaptive", "p": 1.0},
+    "guidance": {"name": "meanflow_cfg", "omega": 1.0, "kappa": 0.5},
+}, paper="Lin, Hu et al., On the Design of One-step Diffusion via Shortcutting Flow Paths, ICLR 2026",
+   train={"class_consistent": True})

@@ -38,27 +38,50 @@ def training_loss(c: Components, nets: Nets, x: Tensor, labels: Tensor, *, null_
     z = c.schedule.noise(x, eps, t)
     y = c.guidance.drop_labels(labels, null_label, generator)
     pb = Problem(x=x, eps=eps, t=t, r=r, z=z, labels=labels, y=y, null_label=null_label,
-                 schedule=c.schedule, generator=generator, step=step)
+                 schedule=c.schedule, generator=generator, step=step, time_sampler=c.time_sampler)
     out = c.target(nets, pb)
     per_sample = c.weighting(out)
     return per_sample.mean(), per_sample, out
 
 
+def sampling_mode(c: Components) -> str:
+    """How a design is sampled: ``euler`` (instantaneous velocity only), ``consistency`` (trained
+    with r = 0 only: denoise, then renoise) or ``flow_map`` (average velocity over any [r, t])."""
+    if not c.target.average_velocity:
+        return "euler"
+    return "consistency" if getattr(c.time_sampler, "always_r_zero", False) else "flow_map"
+
+
 @torch.no_grad()
 def sample(net, guidance, noise: Tensor, nfe: int, y: Tensor, *, null_label: int,
-           average_velocity: bool = True, cfg_scale: float | None = None) -> Tensor:
-    """Walk 1 = t_0 > … > t_N = 0 uniformly: z ← z − (t_i − t_{i+1})·u_θ(z, t_{i+1}, t_i).
+           average_velocity: bool = True, cfg_scale: float | None = None, mode: str | None = None,
+           schedule=None, generator: torch.Generator | None = None) -> Tensor:
+    """Walk 1 = t_0 > … > t_N = 0 uniformly; one step: x = ε − u_θ(ε, 0, 1).
 
-    Models that only learned the instantaneous velocity are queried at
-    r = t (Euler). One step: x = ε − u_θ(ε, 0, 1).
+    - ``flow_map``: z ← z − (t_i − t_{i+1})·u_θ(z, t_{i+1}, t_i);
+    - ``euler`` (models that only learned the instantaneous velocity): u_θ(z, t_i, t_i);
+    - ``consistency`` (multistep consistency sampling, Song et al. 2023, Alg. 1): x̂ = z − t_i·u_θ(z, 0, t_i),
+      then z ← α(t_{i+1})·x̂ + σ(t_{i+1})·ε' with fresh noise ε' from ``generator``.
+    ``mode`` defaults to flow_map or euler by ``average_velocity``.
     """
     if nfe < 1:
         raise ValueError(f"nfe must be ≥ 1, got {nfe}")
+    mode = mode or ("flow_map" if average_velocity else "euler")
+    if mode == "consistency" and schedule is None:
+        raise ValueError("consistency sampling needs the schedule")
     z, b = noise, noise.shape[0]
     grid = torch.linspace(1.0, 0.0, nfe + 1, device=noise.device)
     for i in range(nfe):
         t_cur, t_next = grid[i].expand(b), grid[i + 1].expand(b)
-        r = t_next if average_velocity else t_cur
+        if mode == "consistency":
+            x = z - grid[i] * guidance.sample_velocity(net, z, torch.zeros_like(t_cur), t_cur, y, null_label,
+                                                       cfg_scale).to(z.dtype)
+            if i == nfe - 1:
+                return x
+            eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            z = schedule.noise(x, eps, t_next)
+            continue
+        r = t_next if mode == "flow_map" else t_cur
         u = guidance.sample_velocity(net, z, r, t_cur, y, null_label, cfg_scale)
         z = z - (grid[i] - grid[i + 1]) * u.to(z.dtype)
     return z

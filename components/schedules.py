@@ -31,6 +31,19 @@ class Schedule:
         """Conditional velocity α'(t)·x + σ'(t)·ε."""
         return _bc(self.d_alpha(t), x) * x + _bc(self.d_sigma(t), x) * eps
 
+    def ddim_step(self, z: Tensor, v: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """DDIM step z_t → z_s along the path through (x̂, ε̂) that z and the velocity v imply.
+
+        Solves z = α(t)·x̂ + σ(t)·ε̂, v = α'(t)·x̂ + σ'(t)·ε̂ (determinant α·σ' − σ·α' > 0 on
+        both built-in paths), then returns α(s)·x̂ + σ(s)·ε̂. With the conditional velocity
+        (x̂, ε̂) = (x, ε) exactly, so the step lands on the same noise draw at time s.
+        """
+        a, sg, da, ds = (_bc(f(t), z) for f in (self.alpha, self.sigma, self.d_alpha, self.d_sigma))
+        det = a * ds - sg * da
+        x_hat = (ds * z - sg * v) / det
+        eps_hat = (a * v - da * z) / det
+        return _bc(self.alpha(s), z) * x_hat + _bc(self.sigma(s), z) * eps_hat
+
 
 def _bc(v: Tensor, like: Tensor) -> Tensor:
     """Broadcast a per-sample (B,) tensor against a (B, ...) batch."""

@@ -9,7 +9,11 @@ Shared options of the continuous samplers (base class):
 - ``r_mode="zero"``: r = 0 for every row (consistency training, CT / sCT).
 - ``r_zero_warmup`` = K: ESC's gradual r = 0 warm start. At training step
   k < K a row has r = 0 with probability (2/π)·arccos(k/K) (1 at k = 0,
-  0 at k = K); afterwards the sampler behaves as configured.
+  0 at k = K); afterwards the sampler behaves as configured. K < 1 is a
+  fraction of the run's ``train.steps`` (ESC's 20k steps scaled to a shorter run).
+
+Samplers on a grid or in particle groups (``dyadic``, ``discrete``, ``imm``) are in
+``components/time_grids.py``.
 """
 from __future__ import annotations
 
@@ -25,14 +29,23 @@ T_MIN = 1e-5  # keep σ(t) > 0 so posteriors and ratios stay finite
 
 
 class TimeSampler:
-    def __init__(self, fraction_r_neq_t: float, r_mode: str, r_zero_warmup: int):
+    def __init__(self, fraction_r_neq_t: float, r_mode: str, r_zero_warmup: float, train_steps: int | None = None):
         if not 0.0 <= fraction_r_neq_t <= 1.0:
             raise ValueError(f"fraction_r_neq_t must be in [0, 1], got {fraction_r_neq_t}")
         if r_zero_warmup < 0:
             raise ValueError(f"r_zero_warmup must be ≥ 0, got {r_zero_warmup}")
+        if 0 < r_zero_warmup < 1:  # a fraction of the run
+            if not train_steps:
+                raise ValueError(f"r_zero_warmup={r_zero_warmup} is a fraction of train.steps, which is unknown here")
+            r_zero_warmup = max(1, round(r_zero_warmup * train_steps))
         self.fraction_r_neq_t = fraction_r_neq_t
         self.r_mode = r_mode
-        self.r_zero_warmup = r_zero_warmup
+        self.r_zero_warmup = int(r_zero_warmup)
+
+    @property
+    def always_r_zero(self) -> bool:
+        """Every row maps to r = 0 (consistency models): sample by denoise-and-renoise."""
+        return self.r_mode == "zero"
 
     def draw(self, n: int, generator: torch.Generator | None, device) -> Tensor:
         """n i.i.d. times in (0, 1]."""
@@ -63,8 +76,8 @@ class Uniform(TimeSampler):
     """t, r ~ U(0, 1), sorted; a fraction of rows has r ≠ t."""
 
     def __init__(self, fraction_r_neq_t: float = 0.25, r_mode: Literal["pair", "zero"] = "pair",
-                 r_zero_warmup: int = 0):
-        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup)
+                 r_zero_warmup: float = 0, *, train_steps: int | None = None):
+        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup, train_steps)
 
     def draw(self, n, generator, device):
         return torch.rand(n, generator=generator, device=device)
@@ -75,8 +88,9 @@ class LogitNormal(TimeSampler):
     """t = sigmoid(N(mean, std²)) (SD3, Esser et al. 2024; MeanFlow uses mean −0.4, std 1)."""
 
     def __init__(self, mean: float = -0.4, std: float = 1.0, fraction_r_neq_t: float = 0.25,
-                 r_mode: Literal["pair", "zero"] = "pair", r_zero_warmup: int = 0):
-        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup)
+                 r_mode: Literal["pair", "zero"] = "pair", r_zero_warmup: float = 0, *,
+                 train_steps: int | None = None):
+        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup, train_steps)
         self.mean, self.std = mean, std
 
     def draw(self, n, generator, device):
@@ -92,8 +106,8 @@ class LogNormalSigma(TimeSampler):
 
     def __init__(self, p_mean: float = -1.0, p_std: float = 1.4, sigma_data: float = 0.5,
                  fraction_r_neq_t: float = 0.0, r_mode: Literal["pair", "zero"] = "zero",
-                 r_zero_warmup: int = 0, *, schedule=None):
-        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup)
+                 r_zero_warmup: float = 0, *, schedule=None, train_steps: int | None = None):
+        super().__init__(fraction_r_neq_t, r_mode, r_zero_warmup, train_steps)
         if schedule is None:
             raise ValueError("lognormal_sigma needs the design's schedule")
         self.p_mean, self.p_std, self.sigma_data, self.schedule = p_mean, p_std, sigma_data, schedule
@@ -101,36 +115,3 @@ class LogNormalSigma(TimeSampler):
     def draw(self, n, generator, device):
         log_sigma = self.p_mean + self.p_std * torch.randn(n, generator=generator, device=device)
         return self.schedule.t_from_ratio(torch.exp(log_sigma) / self.sigma_data)
-
-
-@TIME_SAMPLER.register("dyadic")
-class Dyadic:
-    """The shortcut model's grid (Frans et al. 2025, §3.2 and released code).
-
-    ``base_steps`` = N = 2^k. A share ``bootstrap_fraction`` of rows gets a step
-    d ∈ {2/N, 4/N, …, 1} (equal counts per level) for self-consistency; the
-    other rows get the smallest step d = 1/N (flow-matching rows). The start
-    time t is a uniform multiple of d in [d, 1] and r = t − d, so every pair
-    lies on the N-step sampling grid. Default 1/8: the released code's
-    ``bootstrap_every=8``, which produced the paper's numbers (the text says 1/4).
-    """
-
-    def __init__(self, base_steps: int = 128, bootstrap_fraction: float = 0.125):
-        levels = math.log2(base_steps)
-        if base_steps < 2 or levels != int(levels):
-            raise ValueError(f"dyadic base_steps must be a power of two ≥ 2, got {base_steps}")
-        if not 0.0 <= bootstrap_fraction <= 1.0:
-            raise ValueError(f"bootstrap_fraction must be in [0, 1], got {bootstrap_fraction}")
-        self.base_steps, self.levels, self.bootstrap_fraction = base_steps, int(levels), bootstrap_fraction
-
-    def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
-        n_boot = int(round(self.bootstrap_fraction * n))
-        offset = int(torch.randint(self.levels, (1,), generator=generator, device=device))
-        level = (torch.arange(n_boot, device=device) + offset) % self.levels + 1  # 1..k ⇒ d = 2^level / N
-        exponent = torch.cat([level, torch.zeros(n - n_boot, dtype=level.dtype, device=device)])
-        sections = self.base_steps // (2 ** exponent)  # number of steps of size d in [0, 1]
-        d = 1.0 / sections.float()
-        u = torch.rand(n, generator=generator, device=device)
-        k = (u * sections).floor().clamp(max=sections - 1) + 1  # 1..sections
-        t = k * d
-        return t, (t - d).clamp_min(0.0)

@@ -70,7 +70,20 @@ def _vector_batch(seed=0):
     return torch.randn(B, 2, generator=g), _labels(B, seed)
 
 
+# Options a target needs to run on the base design (a logit-normal sampler with r != t pairs), and the
+# modes worth covering; a new target without an entry is tried with its defaults.
+TARGET_CASES = {
+    "consistency": [{"delta": 0.02}, {"mode": "continuous"}, {"mode": "discrete", "space": "data", "delta": 0.02}],
+}
+
+
+def target_cases() -> list:
+    return [pytest.param(n, extra, id=f"{n}-{'-'.join(map(str, extra.values()))}" if extra else n)
+            for n in names("target") for extra in TARGET_CASES.get(n, [{}])]
+
+
 def _target_design(name: str, **extra):
+    extra = {**TARGET_CASES.get(name, [{}])[0], **extra}
     spec = {"preset": "flow_matching", "target": {"name": name, **extra}, "backbone": dict(TINY_MLP),
             # pairs with r != t, so average-velocity targets (and shortcut bootstraps) are exercised
             "time_sampler": {"fraction_r_neq_t": 0.5}}
@@ -91,10 +104,10 @@ def _loss_and_grads(design, x, labels, *, randomize: bool):
     return comps, loss, per_sample, out
 
 
-@pytest.mark.parametrize("name", names("target"))
-def test_target_contract(name):
+@pytest.mark.parametrize("name,extra", target_cases())
+def test_target_contract(name, extra):
     x, labels = _vector_batch()
-    design = _target_design(name)
+    design = _target_design(name, **extra)
     comps, loss, per_sample, out = _loss_and_grads(design, x, labels, randomize=False)
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert per_sample.shape == (B,) and torch.isfinite(per_sample).all()
@@ -112,10 +125,10 @@ def test_target_contract(name):
     assert comps.target.teacher_ema is None or 0.0 <= comps.target.teacher_ema < 1.0
 
 
-@pytest.mark.parametrize("name", names("target"))
-def test_target_gradients_reach_every_parameter(name):
+@pytest.mark.parametrize("name,extra", target_cases())
+def test_target_gradients_reach_every_parameter(name, extra):
     x, labels = _vector_batch(1)
-    comps, loss, _, _ = _loss_and_grads(_target_design(name), x, labels, randomize=True)
+    comps, loss, _, _ = _loss_and_grads(_target_design(name, **extra), x, labels, randomize=True)
     assert torch.isfinite(loss)
     for pname, p in comps.backbone.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
@@ -142,7 +155,7 @@ def test_shortcut_refuses_a_mismatched_dyadic_grid():
 @pytest.mark.parametrize("shape", [(2,), IMAGE_SHAPE], ids=["vector", "image"])
 @pytest.mark.parametrize("name", names("weighting"))
 def test_weighting_contract(name, shape):
-    w = REGISTRIES["weighting"].build(name, data_shape=shape)
+    w = REGISTRIES["weighting"].build(name, data_shape=shape, schedule=REGISTRIES["schedule"].build("linear"))
     assert isinstance(w, torch.nn.Module)
     g = torch.Generator().manual_seed(0)
     target = torch.randn(B, *shape, generator=g)

@@ -71,7 +71,7 @@ def test_unknown_kwarg_names_it_and_lists_accepted_options():
     ("time_sampler", "dyadic", {"base_steps": 1.5}, "must be an integer"),
     ("time_sampler", "dyadic", {"base_steps": True}, "must be an integer"),
     ("time_sampler", "logit_normal", {"mean": False}, "must be a number"),
-    ("time_sampler", "uniform", {"r_zero_warmup": "10"}, "must be an integer"),
+    ("time_sampler", "uniform", {"r_zero_warmup": "10"}, "must be a number"),  # steps, or a fraction of the run
     ("target", "shortcut", {"clip": "big"}, "clip"),  # Optional[float]
     ("backbone", "dit", {"depth": 1.5}, "depth"),  # Optional[int]
 ])

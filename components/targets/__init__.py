@@ -1,3 +1,3 @@
 """Target estimators (DESIGN §3): each returns per-sample prediction and stop-gradient target."""
-from components.targets import flow_matching, shortcut, meanflow  # noqa: F401
+from components.targets import flow_matching, shortcut, meanflow, consistency, imm  # noqa: F401
 from components.targets.base import Nets, Problem, Target, TargetOutput  # noqa: F401

@@ -37,6 +37,7 @@ class Problem:
     schedule: Schedule
     generator: torch.Generator | None = None
     step: int = 0
+    time_sampler: object = None  # the design's sampler (grid samplers define the adjacent time s)
 
 
 @dataclass
@@ -80,6 +81,10 @@ class Target:
             use = torch.rand(pb.t.shape, generator=pb.generator, device=pb.t.device) < self.plugin_prob
             v = torch.where(use.reshape(use.shape + (1,) * (v.dim() - 1)), plug, v)
         return nets.guidance.fold(v, nets.model, pb.z, pb.t, pb.y, pb.null_label)
+
+    def teacher(self, nets: Nets) -> Net:
+        """The stop-gradient network of the target: the EMA teacher when ``teacher_ema`` is set, else the model."""
+        return nets.teacher if self.teacher_ema is not None else nets.model
 
     def compatible(self, components: dict) -> list[str]:
         """Problems with the other components of a design (empty: fine)."""

@@ -37,20 +37,29 @@ class MeanFlow(Target):
 
     def total_derivative(self, model, z, r, t, y, v):
         """(u_θ(z, r, t), d/dt u_θ along (ṽ, 0, 1)); the second has no gradient."""
-        if self.jvp == "exact":
-            def f(z_, r_, t_):
-                return model(z_, r_, t_, y)
+        return total_derivative(model, z, r, t, y, v, self.jvp, self.fd_step)
 
-            with sdpa_kernel([SDPBackend.MATH]):
-                u, dudt = torch.func.jvp(f, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
-            return u, dudt.detach()
-        u = model(z, r, t, y)
-        with torch.no_grad():  # central difference, kept inside r ≤ t ≤ 1
-            hi = (t + self.fd_step).clamp(max=1.0)
-            lo = torch.maximum(t - self.fd_step, r)
-            lo = torch.where(hi - lo > 0, lo, t - self.fd_step)  # r = t = 1: one-sided step below
-            vz = v.to(z.dtype)
-            u_hi = model(z + _bc(hi - t, z) * vz, r, hi, y)
-            u_lo = model(z + _bc(lo - t, z) * vz, r, lo, y)
-            dudt = (u_hi - u_lo) / _bc(hi - lo, z)
-        return u, dudt
+
+def total_derivative(model, z, r, t, y, v, jvp: str = "exact", fd_step: float = 1e-3):
+    """(u_θ(z, r, t), d/dt u_θ(z_t, r, t) along the tangent (ṽ, 0, 1)), the derivative detached.
+
+    ``jvp="exact"``: one forward-mode pass whose primal output is the prediction.
+    ``"finite_difference"``: the central difference of two extra no-grad forwards.
+    """
+    if jvp == "exact":
+        def f(z_, r_, t_):
+            return model(z_, r_, t_, y)
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            u, dudt = torch.func.jvp(f, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
+        return u, dudt.detach()
+    u = model(z, r, t, y)
+    with torch.no_grad():  # central difference, kept inside r ≤ t ≤ 1
+        hi = (t + fd_step).clamp(max=1.0)
+        lo = torch.maximum(t - fd_step, r)
+        lo = torch.where(hi - lo > 0, lo, t - fd_step)  # r = t = 1: one-sided step below
+        vz = v.to(z.dtype)
+        u_hi = model(z + _bc(hi - t, z) * vz, r, hi, y)
+        u_lo = model(z + _bc(lo - t, z) * vz, r, lo, y)
+        dudt = (u_hi - u_lo) / _bc(hi - lo, z)
+    return u, dudt

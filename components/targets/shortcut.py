@@ -54,7 +54,7 @@ class Shortcut(Target):
 
     @torch.no_grad()
     def bootstrap(self, nets, z, r, t, y, null_label):
-        teacher = nets.teacher if self.teacher_ema is not None else nets.model
+        teacher = self.teacher(nets)
         s = 0.5 * (t + r)
         u1 = cfg_combine(teacher, z, s, t, y, null_label, self.bootstrap_cfg)
         z_s = z - _bc(t - s, z) * u1

@@ -1,0 +1,123 @@
+"""Time samplers on a grid or in particle groups: ``dyadic`` (shortcut), ``discrete`` (CT), ``imm``.
+
+Same call as every sampler: ``sampler(n, step=, generator=, device=) -> (t, r)``,
+0 ≤ r ≤ t ≤ 1, t = 1 noise. Grid samplers also expose ``previous(t)``: the grid
+point below t, which a discrete consistency target uses as its intermediate time s.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from components.registry import TIME_SAMPLER
+from components.time_samplers import T_MIN
+
+@TIME_SAMPLER.register("dyadic")
+class Dyadic:
+    """The shortcut model's grid (Frans et al. 2025, §3.2 and released code).
+
+    ``base_steps`` = N = 2^k. A share ``bootstrap_fraction`` of rows gets a step
+    d ∈ {2/N, 4/N, …, 1} (equal counts per level) for self-consistency; the
+    other rows get the smallest step d = 1/N (flow-matching rows). The start
+    time t is a uniform multiple of d in [d, 1] and r = t − d, so every pair
+    lies on the N-step sampling grid. Default 1/8: the released code's
+    ``bootstrap_every=8``, which produced the paper's numbers (the text says 1/4).
+    """
+
+    def __init__(self, base_steps: int = 128, bootstrap_fraction: float = 0.125):
+        levels = math.log2(base_steps)
+        if base_steps < 2 or levels != int(levels):
+            raise ValueError(f"dyadic base_steps must be a power of two ≥ 2, got {base_steps}")
+        if not 0.0 <= bootstrap_fraction <= 1.0:
+            raise ValueError(f"bootstrap_fraction must be in [0, 1], got {bootstrap_fraction}")
+        self.base_steps, self.levels, self.bootstrap_fraction = base_steps, int(levels), bootstrap_fraction
+
+    def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
+        n_boot = int(round(self.bootstrap_fraction * n))
+        offset = int(torch.randint(self.levels, (1,), generator=generator, device=device))
+        level = (torch.arange(n_boot, device=device) + offset) % self.levels + 1  # 1..k ⇒ d = 2^level / N
+        exponent = torch.cat([level, torch.zeros(n - n_boot, dtype=level.dtype, device=device)])
+        sections = self.base_steps // (2 ** exponent)  # number of steps of size d in [0, 1]
+        d = 1.0 / sections.float()
+        u = torch.rand(n, generator=generator, device=device)
+        k = (u * sections).floor().clamp(max=sections - 1) + 1  # 1..sections
+        t = k * d
+        return t, (t - d).clamp_min(0.0)
+
+
+def sigma_grid(steps: int, grid: str, rho: float, sigma_min: float, sigma_max: float) -> Tensor:
+    """N increasing EDM noise levels: Karras et al. 2022 (eq. 5) with ρ, or uniform in σ^{1/ρ} with ρ = 1."""
+    i = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    p = 1.0 / rho if grid == "karras" else 1.0
+    return (sigma_min ** p + i * (sigma_max ** p - sigma_min ** p)) ** (1.0 / p)
+
+
+@TIME_SAMPLER.register("discrete", slug=lambda kw: f"discrete{kw['steps']}")
+class Discrete:
+    """Consistency training's discrete times (Song et al. 2023; iCT, Song & Dhariwal 2024), r = 0.
+
+    ``steps`` = N noise levels σ_0 < … < σ_{N−1} (``grid="karras"``: spaced in σ^{1/ρ};
+    ``"uniform"``: spaced in σ), mapped onto the path by σ(t)/α(t) = σ/σ_data. A row
+    draws an index i ∈ [0, N − 2] (``index="uniform"``, or iCT's ``"lognormal"``:
+    p(i) ∝ erf((ln σ_{i+1} − P_mean)/√2 P_std) − erf((ln σ_i − P_mean)/√2 P_std)) and gets
+    t = t_{i+1}; ``previous(t)`` = t_i is the consistency target's adjacent time.
+    """
+
+    always_r_zero = True
+
+    def __init__(self, steps: int = 64, grid: Literal["karras", "uniform"] = "karras", rho: float = 7.0,
+                 sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+                 index: Literal["uniform", "lognormal"] = "uniform", p_mean: float = -1.1, p_std: float = 2.0,
+                 *, schedule=None):
+        if steps < 2:
+            raise ValueError(f"discrete steps must be ≥ 2, got {steps}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+        if schedule is None:
+            raise ValueError("discrete needs the design's schedule")
+        self.steps = steps
+        sig = sigma_grid(steps, grid, rho, sigma_min, sigma_max)
+        self.grid = schedule.t_from_ratio(sig / sigma_data).float()  # (N,) increasing in (0, 1)
+        if index == "lognormal":
+            cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2) * p_std))
+            self.probs = (cdf[1:] - cdf[:-1]).float()
+        else:
+            self.probs = torch.ones(steps - 1)
+
+    def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
+        i = torch.multinomial(self.probs.to(device), n, replacement=True, generator=generator)
+        t = self.grid.to(device)[i + 1]
+        return t, torch.zeros_like(t)
+
+    def previous(self, t: Tensor) -> Tensor:
+        """The largest grid time below t (0 below the first grid point: the data end)."""
+        grid = self.grid.to(device=t.device, dtype=t.dtype)
+        idx = torch.searchsorted(grid, t.contiguous(), right=False) - 1
+        return torch.where(idx >= 0, grid[idx.clamp_min(0)], torch.zeros_like(t))
+
+
+@TIME_SAMPLER.register("imm", slug=lambda kw: f"imm{kw['group_size']}")
+class IMMTimes:
+    """Inductive Moment Matching's times (Zhou, Ermon, Song 2025, §4): one (t, r) per particle group.
+
+    Groups of ``group_size`` consecutive rows share t ~ U(T_MIN, ``t_max``) and
+    r ~ U(0, t) (IMM's s < t in its notation), so a target can compare the groups'
+    empirical distributions (the ``mmd`` weighting). A batch that does not divide
+    evenly ends with one smaller group.
+    """
+
+    def __init__(self, group_size: int = 4, t_max: float = 0.994):
+        if group_size < 1:
+            raise ValueError(f"group_size must be ≥ 1, got {group_size}")
+        if not T_MIN < t_max <= 1.0:
+            raise ValueError(f"t_max must be in ({T_MIN}, 1], got {t_max}")
+        self.group_size, self.t_max = group_size, t_max
+
+    def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
+        groups = -(-n // self.group_size)
+        t = T_MIN + (self.t_max - T_MIN) * torch.rand(groups, generator=generator, device=device)
+        r = t * torch.rand(groups, generator=generator, device=device)
+        return (t.repeat_interleave(self.group_size)[:n], r.repeat_interleave(self.group_size)[:n])
