@@ -58,6 +58,11 @@ class TargetOutput:
     group: Tensor | None = None  # particle-group index per row (IMM)
 
 
+def velocity_slug(name: str):
+    """A target's slug: its name, with ``_plugin`` when it uses the plug-in velocity (ESC)."""
+    return lambda kw: name + ("_plugin" if kw.get("velocity") == "plugin" else "")
+
+
 class Target:
     """Base class. ``teacher_ema`` (None: no teacher) asks the loop to keep an EMA at that rate."""
 

@@ -11,7 +11,7 @@ from components.targets.meanflow import total_derivative
 
 
 def _slug(kw: dict) -> str:
-    return "ct" if kw["mode"] == "discrete" else "sct"
+    return ("ct" if kw["mode"] == "discrete" else "sct") + ("_plugin" if kw.get("velocity") == "plugin" else "")
 
 
 @TARGET.register("consistency", slug=_slug)

@@ -3,10 +3,10 @@ from __future__ import annotations
 from typing import Literal
 
 from components.registry import TARGET
-from components.targets.base import Target, TargetOutput
+from components.targets.base import Target, TargetOutput, velocity_slug
 
 
-@TARGET.register("flow_matching")
+@TARGET.register("flow_matching", slug=velocity_slug("flow_matching"))
 class FlowMatching(Target):
     """Flow matching (Lipman et al. 2023; Liu et al. 2023): u_θ(z_t, t, t) regresses ṽ.
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from components.registry import TARGET
 from components.schedules import _bc
-from components.targets.base import Target, TargetOutput
+from components.targets.base import Target, TargetOutput, velocity_slug
 from components.time_samplers import T_MIN
 
 
@@ -17,7 +17,7 @@ def particle_groups(t: Tensor, r: Tensor) -> Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long, device=t.device), change.long().cumsum(0)])
 
 
-@TARGET.register("imm")
+@TARGET.register("imm", slug=velocity_slug("imm"))
 class IMM(Target):
     """Inductive Moment Matching (Zhou, Ermon, Song 2025, eq. 12 with the mapping of §4.2).
 

@@ -7,10 +7,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from components.registry import TARGET
 from components.schedules import _bc
-from components.targets.base import Target, TargetOutput
+from components.targets.base import Target, TargetOutput, velocity_slug
 
 
-@TARGET.register("meanflow")
+@TARGET.register("meanflow", slug=velocity_slug("meanflow"))
 class MeanFlow(Target):
     """MeanFlow identity (Geng et al. 2025, eq. 10): u_tgt = ṽ − (t − r)·(d/dt) u_θ(z_t, r, t),
 

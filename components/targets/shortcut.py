@@ -7,10 +7,10 @@ import torch
 from components.guidance import cfg_combine
 from components.registry import TARGET
 from components.schedules import _bc
-from components.targets.base import Target, TargetOutput
+from components.targets.base import Target, TargetOutput, velocity_slug
 
 
-@TARGET.register("shortcut")
+@TARGET.register("shortcut", slug=velocity_slug("shortcut"))
 class Shortcut(Target):
     """Shortcut self-consistency (Frans et al. 2025, eq. 5), in the t = 1-noise convention.
 
