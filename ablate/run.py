@@ -158,10 +158,10 @@ def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | No
         design = resolve_design(OmegaConf.to_container(tc.design, resolve=True),
                                 data.default_backbone() if data is not None else {"name": "dit"})
         if data is not None and math.prod(data.shape) <= 4096:  # small: building is cheap, checks combinations
-            build_components(design, data.shape, data.num_classes)
+            build_components(design, data.shape, data.num_classes, train_steps=int(tc.train.steps))
     except DesignError as exc:
         raise ConfigError("", [(k, f"{m} (in trial {where})") for k, m in exc.problems]) from exc
-    other = {k: v for k, v in over.items() if not k.startswith("design.")}  # train/data settings
+    other = {k: v for k, v in over.items() if k != "design" and not k.startswith("design.")}  # train/data settings
     tag = f"-{hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""
     return {"key": f"{design.design_id}{tag}-s{seed}", "overrides": over, "seed": seed, "slug": design.slug,
             "design_id": design.design_id, "params": design.flat_params()}
@@ -250,6 +250,8 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
     cfg = trial_config(study, t["overrides"], t["seed"])
     out = Path(trials_dir) / t["key"]
     cfg.train.out_dir = str(out)
+    if float(cfg.resources.gpus_per_trial) > 1:  # DDP: one rank per GPU of the trial (ablate/distributed.py)
+        cfg.train.world_size = int(cfg.resources.gpus_per_trial)
     cl = tracking.client(uri)
     tags = {"design_id": t["design_id"], "slug": t["slug"], "seed": str(t["seed"]), "study": str(cfg.name),
             "git_commit": tracking.git_commit()}
@@ -378,6 +380,12 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
     ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
     objective = list(cfg.search.objective)[0]
+    slots = int(ray.cluster_resources().get("CPU", 1) // max(float(res.cpus_per_trial), 1e-9))
+    if float(res.gpus_per_trial) > 0:
+        slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // float(res.gpus_per_trial)))
+    n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * int(cfg.search.seeds)
+    concurrency = max(1, min(n_trials, int(res.max_concurrent) or slots, slots))
+    tracking.retry(cl.set_tag, parent_id, "concurrency", str(concurrency))  # for the overhead benchmark
     tune_cfg = tune_config(cfg)
     run_cfg = tune.RunConfig(name=name, storage_path=str(root), verbose=1,
                              failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),

@@ -22,11 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from ablate.data import Data, ResidentLoader, load_data
-from ablate.design import Design, build_components, resolve_design
+from ablate import distributed as ddp
+from ablate.data import Data, load_data, make_loader
+from ablate.design import Design, build_components, preset_train_setting, resolve_design
 from ablate.images import save_samples
 from ablate.reporting import LocalReporter, MultiReporter, Reporter
-from components.compose import Components, sample, training_loss
+from components.compose import Components, sample, sampling_mode, training_loss
 from components.targets.base import Nets
 
 
@@ -64,8 +65,8 @@ class Run:
                                                torch.zeros(n, dtype=torch.long, device=self.device))
         net = model or self.eval_model
         with self.autocast():
-            x = sample(net, self.comps.guidance, noise, nfe, y, null_label=self.data.null_label,
-                       average_velocity=self.comps.target.average_velocity, cfg_scale=cfg_scale)
+            x = sample(net, self.comps.guidance, noise, nfe, y, null_label=self.data.null_label, cfg_scale=cfg_scale,
+                       mode=sampling_mode(self.comps), schedule=self.comps.schedule, generator=g)
         return x.float()
 
     def autocast(self):
@@ -95,8 +96,11 @@ def setup(cfg: DictConfig) -> Run:
     design = resolve_design(OmegaConf.to_container(cfg.design, resolve=True), data.default_backbone())
     if cfg.train.class_consistent and data.num_classes == 0:
         raise ValueError(f"train.class_consistent needs a labelled dataset; '{data.name}' has no labels")
+    if cfg.train.class_consistent is None:  # the preset's recommendation, where the data has classes
+        cfg.train.class_consistent = bool(preset_train_setting(design.preset, "class_consistent", False)
+                                          and data.num_classes > 0)
     torch.manual_seed(int(cfg.train.seed))  # parameter initialisation
-    comps = build_components(design, data.shape, data.num_classes)
+    comps = build_components(design, data.shape, data.num_classes, train_steps=int(cfg.train.steps))
     model = comps.backbone.to(device)
     comps.weighting.to(device)
     rates = {float(cfg.train.ema)}
@@ -150,17 +154,27 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = True,
           on_eval=None, resume: bool = True) -> Run:
-    """Train one design to ``cfg.train.steps``; resumes from the run folder's checkpoint."""
+    """Train one design to ``cfg.train.steps``; resumes from the run folder's checkpoint.
+
+    ``train.world_size`` > 1: data parallel over that many processes (ablate/distributed.py).
+    """
+    ws = ddp.world_size(cfg)  # DDP hook: spawn ranks 1..N−1 and train as rank 0 in this process
+    if ws > 1 and not ddp.initialized():
+        return ddp.launch(train, cfg, reporter=reporter, progress=progress, on_eval=on_eval, resume=resume)
+    rank = ddp.rank() if ws > 1 else 0
+    main = rank == 0  # DDP hook: rank 0 alone writes files, reports and evaluates
     run = setup(cfg)
     out, tc = run.out_dir, cfg.train
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "design.json").write_text(run.design.to_json())
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "design.json").write_text(run.design.to_json())
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     params = list(run.model.parameters()) + list(run.comps.weighting.parameters())
     opt = _optimizer(cfg, params, run.device)
-    gen = torch.Generator(run.device).manual_seed(int(tc.seed) + 1)
-    data_gen = torch.Generator().manual_seed(int(tc.seed) + 2)
-    loader = ResidentLoader(run.data, int(tc.batch_size), data_gen, bool(tc.class_consistent))
+    gen = torch.Generator(run.device).manual_seed(int(tc.seed) + 1 + ddp.seed_offset(rank))  # DDP: own noise
+    data_gen = torch.Generator().manual_seed(int(tc.seed) + 2 + ddp.seed_offset(rank))  # DDP: own data
+    loader = make_loader(run.data, ddp.local_batch_size(int(tc.batch_size), ws), data_gen,  # DDP: B/N rows
+                         bool(tc.class_consistent))
     ckpt_path = out / "checkpoint.pt"
     resume_step = None
     if resume and ckpt_path.exists():
@@ -176,11 +190,15 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         gen.set_state(state["gen"].to(gen.get_state().device) if run.device.type == "cpu" else state["gen"].cpu())
         data_gen.set_state(state["data_gen"].cpu())
         run.step = resume_step = int(state["step"])
-    local = LocalReporter(out, resume_step)
+    if ws > 1:  # DDP hook: rank 0's weights everywhere; ranks > 0 reseed (the checkpoint holds rank 0's streams)
+        ddp.broadcast_modules(run.model, run.comps.weighting, *run.emas.values())
+        if rank and resume_step is not None:
+            ddp.reseed([gen, data_gen], int(tc.seed), resume_step)
+    local = LocalReporter(out, resume_step) if main else None
     rep = MultiReporter(reporter, local)  # the tracker first: a record it lacks is never marked done locally
     rep.artifact(out / "design.json", "config")
     rep.artifact(out / "config.yaml", "config")
-    evaluator = make_evaluator(run)
+    evaluator = make_evaluator(run) if main else None
     if evaluator is not None:
         rep.params({f"fid.{k}": v for k, v in evaluator.provenance.items()})
     last_eval = [resume_step if resume_step is not None and _evaluated_at(out, resume_step) else None]
@@ -199,6 +217,8 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
                 guidance=run.comps.guidance)
 
     def checkpoint():
+        if not main:  # DDP hook: rank 0 writes
+            return
         save_checkpoint(ckpt_path, {
             "step": run.step, "design_id": run.design.design_id, "design_json": run.design.to_json(),
             "config_yaml": OmegaConf.to_yaml(cfg), "model": run.model.state_dict(),
@@ -228,6 +248,8 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
                                            generator=gen, step=run.step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if ws > 1:  # DDP hook: mean gradient over the ranks = gradient of the global batch's mean loss
+                ddp.average_gradients(params)
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, float(tc.grad_clip))
             opt.step()
@@ -239,6 +261,8 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
             n_acc += 1
             t_train += time.perf_counter() - t0
             if run.step % log_every == 0 or run.step == steps:
+                if ws > 1:  # DDP hook: log the global mean (every rank sees the same divergence)
+                    ddp.all_mean_([acc, acc_mse])
                 mean = float(acc) / n_acc  # the only host sync, once per log interval
                 if not math.isfinite(mean):
                     raise DivergenceError(f"loss is {mean} at step {run.step} ({run.design.slug}); "
@@ -266,7 +290,7 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
     checkpoint()
     if evaluator is not None and cfg.eval.at_end and last_eval[0] != run.step:
         evaluate()
-    for nfe in cfg.sample.nfe:
+    for nfe in cfg.sample.nfe if main else []:  # DDP hook: rank 0 writes the grids
         x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=cfg.sample.cfg_scale)
         ref = run.data.x[: 2000] if x.dim() == 2 else None
         rep.artifact(save_samples(x, out / "samples" / f"nfe_{nfe}.png", ref), "samples")
@@ -308,7 +332,7 @@ def _main(args) -> int:
 
         data = _ld(run_cfg["data"])
         design = resolve_design(run_cfg["design"], data.default_backbone())
-        build_components(design, data.shape, data.num_classes)
+        build_components(design, data.shape, data.num_classes, train_steps=int(cfg.train.steps))
         print(OmegaConf.to_yaml(cfg))
         print(design.to_json())
         print(f"out_dir: {default_out_dir(cfg, design)}")

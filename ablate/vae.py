@@ -8,6 +8,7 @@ its ``shift_factor``, if any), so a sample z decodes as ``vae.decode(z / scale +
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -18,15 +19,20 @@ class VAEError(ValueError):
 
 
 @lru_cache(maxsize=4)
-def load_vae(path: str, device: str = "cpu"):
+def load_vae(path: str, device: str = "cpu", what: str = "data.vae"):
+    """A frozen diffusers ``AutoencoderKL`` from the local folder ``path`` (``what`` names the setting in errors)."""
+    if not Path(path).expanduser().is_dir():
+        raise VAEError(f"VAE folder '{path}' does not exist ({what}); the VAE is loaded from a local folder only "
+                       "(a diffusers AutoencoderKL saved with save_pretrained), nothing is downloaded")
     try:
         from diffusers import AutoencoderKL
     except ImportError as exc:
-        raise VAEError("decoding latents needs diffusers: pip install -e '.[vae]'") from exc
+        raise VAEError("the VAE needs diffusers: pip install -e '.[vae]'") from exc
     try:
-        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(str(Path(path).expanduser()), local_files_only=True,
+                                            use_safetensors=True)
     except (OSError, ValueError) as exc:
-        raise VAEError(f"cannot load an AutoencoderKL from '{path}' (data.vae): {exc}") from exc
+        raise VAEError(f"cannot load an AutoencoderKL from '{path}' ({what}): {exc}") from exc
     return vae.to(device).eval().requires_grad_(False)
 
 
