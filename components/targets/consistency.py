@@ -35,7 +35,8 @@ class Consistency(Target):
 
     ``space`` picks what the weighting compares: ``"velocity"`` (u_θ against u_tgt, ESC's
     template) or ``"data"`` (f_θ against its target, as CT does; the two differ by the factor
-    (t − r) per row). Rows with r = t are flow matching (u_tgt = ṽ).
+    (t − r) per row). Rows with r = t are flow matching (u_tgt = ṽ); in data space they weigh
+    nothing (the factor t − r is 0), so pair samplers with r = t rows want ``space="velocity"``.
     """
 
     def __init__(self, mode: Literal["discrete", "continuous"] = "discrete",
