@@ -15,7 +15,7 @@ Each shard ``shard_NNNNN.pt`` holds ``--shard-size`` images (twice as many rows
 with ``--flip``: each image, then its mirror image):
 
 - ``--store moments``: {mean, logvar: (n, C, H, W), labels, index, flipped: (n,)},
-  sampled each time a row is served (ablate.data ``latents``);
+  sampled each time a row is served (the ``latents`` dataset, ablate/latents.py);
 - ``--store samples``: {latents: (n, C, H, W), labels, index, flipped}, one posterior sample.
 
 ``index`` is the image's line in ``files.txt``. ``meta.json`` records count,

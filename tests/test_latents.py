@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ablate.data import DataError, LatentShards, ShardStream, load_data, make_loader
+from ablate.data import DataError, load_data, make_loader
+from ablate.latents import LatentShards, ShardStream
 from ablate.encode import load_image, main
 
 CLASSES = ("ant", "bee", "cat")
