@@ -274,16 +274,28 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
                                     if k != "out_dir"}})
 
     class TuneReporter(Reporter):
+        """MLflow records and Tune results of the trial. It runs before the local reporter (MultiReporter order), and
+        ``tune.report`` may block until the driver takes the result: an evaluation's result is therefore held and
+        sent with the next call, once ``metrics.jsonl`` has the evaluation too. A driver killed while it waits then
+        finds the evaluation recorded both in MLflow and locally, and the resumed trial does not repeat it."""
+
         def __init__(self):
             self.last: dict = {}
+            self.held: dict | None = None
+
+        def send_held(self):
+            if self.held is not None:
+                result, self.held = self.held, None
+                tune.report(result)
 
         def metrics(self, step, values, kind="train"):
+            self.send_held()
             mlrep.metrics(step, values, kind)
             self.last.update(values)
             if kind == "eval":  # evaluations follow a checkpoint at their step: safe to write now
                 mlrep.flush()
                 if step < total:  # the final result is reported once the trial is complete (below)
-                    tune.report({**self.last, "step": step})
+                    self.held = {**self.last, "step": step}
 
         def params(self, values):
             mlrep.params(values)
@@ -292,6 +304,7 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
             mlrep.artifact(path, kind)
 
         def checkpoint(self, path, step):
+            self.send_held()
             mlrep.checkpoint(path, step)
             # Tune's searchers and schedulers read the objective from every result: until the first evaluation
             # the checkpoint stays local (the trial folder, which a resume on this node reads first)
@@ -300,6 +313,7 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
                             checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
 
         def close(self):
+            self.send_held()
             mlrep.close()
 
     objectives = [str(o) for o in cfg.search.objective]
