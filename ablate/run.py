@@ -163,8 +163,9 @@ def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | No
         raise ConfigError("", [(k, f"{m} (in trial {where})") for k, m in exc.problems]) from exc
     other = {k: v for k, v in over.items() if k != "design" and not k.startswith("design.")}  # train/data settings
     tag = f"-{hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""
+    variant = ", ".join(f"{k}={v}" for k, v in sorted(other.items()))  # what else tells this design's trials apart
     return {"key": f"{design.design_id}{tag}-s{seed}", "overrides": over, "seed": seed, "slug": design.slug,
-            "design_id": design.design_id, "params": design.flat_params()}
+            "design_id": design.design_id, "params": design.flat_params(), "variant": variant}
 
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random")
@@ -254,7 +255,7 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
         cfg.train.world_size = int(cfg.resources.gpus_per_trial)
     cl = tracking.client(uri)
     tags = {"design_id": t["design_id"], "slug": t["slug"], "seed": str(t["seed"]), "study": str(cfg.name),
-            "git_commit": tracking.git_commit()}
+            "variant": t.get("variant", ""), "git_commit": tracking.git_commit()}
     run_id, status = tracking.child_run(cl, exp_id, parent_id, t["key"], f"{t['slug']}-s{t['seed']}", tags)
     if status == "FINISHED":  # recorded complete before an interruption: never train it again
         final = json.loads((out / "final.json").read_text()) if (out / "final.json").exists() else {}

@@ -5,7 +5,8 @@
     hist = load_histories("schedule_vs_target")          # step-indexed metrics, long format
     rank(trials, "fid/nfe_1")                            # designs ranked with 95 % intervals
 
-Only FINISHED trials enter the statistics; failed and stopped ones are
+A "design" is the component slug plus any train/data settings the study searched beside it (its
+seeds are the repeats). Only FINISHED trials enter the statistics; failed and stopped ones are
 counted per design (``failed`` / ``stopped`` columns), never dropped silently.
 """
 from __future__ import annotations
@@ -49,8 +50,9 @@ def load_trials(study: str, uri: str | None = None) -> pd.DataFrame:
     rows = []
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
+        variant = tags.get("variant", "")  # train/data settings searched beside the design (e.g. train.lr=0.001)
         row = {"run_id": r.info.run_id, "trial_key": tags.get("trial_key"), "design_id": tags.get("design_id"),
-               "design": tags.get("slug"), "seed": int(tags.get("seed", 0)), "status": r.info.status,
+               "design": f"{tags.get('slug')} [{variant}]" if variant else tags.get("slug"), "seed": int(tags.get("seed", 0)), "status": r.info.status,
                "error": tags.get("error", ""), "stopped": tags.get("stopped", ""),
                "wall_s": ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000.0}
         row.update({k: _num(v) for k, v in params.items() if k.startswith(("design.", "train.", "fid."))})

@@ -33,6 +33,11 @@ def test_study_records_parent_and_children(study):
     assert {r.info.status for r in ok} == {"FINISHED"}
     assert {r.info.status for r in bad} == {"FAILED"}
     assert all("DivergenceError" in r.data.tags["error"] for r in bad)
+    # the searched train setting tells the trials of one design apart (the report never pools them as seeds)
+    assert {r.data.tags["variant"] for r in children} == {"train.lr=0.001", "train.lr=1e+30"}
+    from dashboards.tables import load_trials
+
+    assert load_trials("tiny", f"sqlite:///{root}/mlflow.db")["design"].nunique() == 4
     for r in ok:
         assert {"design.target.name", "design.schedule.name", "design.backbone.width", "fid.extractor",
                 "fid.num_samples", "fid.reference"} <= set(r.data.params)
