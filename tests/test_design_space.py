@@ -26,7 +26,7 @@ from components.targets.base import TargetOutput
 from components.targets.consistency import Consistency
 from components.targets.imm import IMM, particle_groups
 from components.targets.meanflow import MeanFlow
-from tests.gaussian_oracle import OracleNet, _bc
+from tests.gaussian_oracle import OracleNet
 from tests.test_oracle import D, DT, MU, NULL, S, make_problem, nets_of, times
 
 
