@@ -124,8 +124,12 @@ def test_fraction_out_of_range_rejected():
     ("uniform", "mean", 0.5),
 ], ids=["logit_normal", "uniform"])
 def test_r_equals_t_rows_have_the_single_draw_distribution(name, stat, expect):
-    """Docstrings: the r = t rows are flow matching with t ~ the sampler's law; only the pairs are sorted."""
-    t, r = build_sampler(name, {"fraction_r_neq_t": 0.0})(20000, generator=torch.Generator().manual_seed(5))
+    """r_eq_t_time="single": the r = t rows are flow matching with t ~ the sampler's law; only pairs are sorted.
+
+    The default (MeanFlow's code, max of two draws) is tested in tests/test_fidelity_samplers.py.
+    """
+    kw = {"fraction_r_neq_t": 0.0, "r_eq_t_time": "single"}
+    t, r = build_sampler(name, kw)(20000, generator=torch.Generator().manual_seed(5))
     value = getattr(t.double(), stat)().item()
     assert abs(value - expect) < 0.01
 
@@ -146,7 +150,9 @@ K = 1000
 
 
 def warm(n, step, seed=9, **kw):
-    sampler = build_sampler("logit_normal", {"fraction_r_neq_t": 0.0, "r_zero_warmup": K, **kw})
+    """The "all" rows law (every row may be pulled to r = 0); ESC's "pairs" default: test_fidelity_samplers.py."""
+    sampler = build_sampler("logit_normal", {"fraction_r_neq_t": 0.0, "r_zero_warmup": K,
+                                             "r_zero_warmup_rows": "all", **kw})
     return sampler(n, step=step, generator=torch.Generator().manual_seed(seed))
 
 
