@@ -35,7 +35,7 @@ class Data:
     x_test: Tensor | None = None
     labels_test: Tensor | None = None
     meta: dict = field(default_factory=dict)
-    #: (batch_size, generator, class_consistent) -> a loader with ``.next() -> (x, labels)``, for data whose
+    #: (batch_size, generator, classes_per_batch) -> a loader with ``.next() -> (x, labels)``, for data whose
     #: training rows are not ``x`` itself (latent moments, streamed shards); None: a ResidentLoader over x
     loader: Callable | None = None
 
@@ -56,28 +56,55 @@ class Data:
 class ResidentLoader:
     """Random batches straight from device tensors (no per-step loader overhead).
 
-    ``class_consistent``: every batch holds one class (ESC), the class drawn
-    in proportion to its frequency.
+    ``classes_per_batch`` = k (ESC's class-consistent mini-batches): 0 draws the
+    rows i.i.d. from the whole set; k ≥ 1 makes every batch k contiguous blocks
+    of batch_size/k rows, each block from one class (rows drawn with replacement
+    within it). The k classes are drawn in proportion to their frequency,
+    without replacement while k ≤ the number of classes present, so the classes
+    of one batch are distinct and the plug-in velocity (which mixes only rows of
+    the row's own class, components/velocity.py) mixes within one block;
+    with more blocks than classes the classes are drawn with replacement. All k
+    classes come from one draw on ``generator`` (a CPU generator: no host sync).
+    Under data parallelism each rank builds its own loader over its share of
+    the groups (:func:`ablate.distributed.local_classes_per_batch`).
     """
 
-    def __init__(self, data: Data, batch_size: int, generator: torch.Generator, class_consistent: bool = False):
-        if class_consistent and data.num_classes == 0:
-            raise DataError(f"class-consistent batches need a labelled dataset; '{data.name}' has no labels")
+    def __init__(self, data: Data, batch_size: int, generator: torch.Generator, classes_per_batch: int = 0):
+        k = self.check_classes_per_batch(classes_per_batch, batch_size, data)
         self.data, self.batch_size, self.generator = data, batch_size, generator
-        self.class_consistent = class_consistent
-        if class_consistent:
-            order = torch.argsort(data.labels.cpu(), stable=True)
-            counts = torch.bincount(data.labels.cpu(), minlength=data.num_classes)
+        self.classes_per_batch = k
+        if k:
+            labels = data.labels.cpu()
+            order = torch.argsort(labels, stable=True)
+            counts = torch.bincount(labels, minlength=data.num_classes)
             self.order, self.counts = order.to(data.x.device), counts
             self.starts = torch.cumsum(counts, 0) - counts
+            self.replace = k > int((counts > 0).sum())  # more groups than classes: classes repeat
+
+    @staticmethod
+    def check_classes_per_batch(k, batch_size: int, data: Data) -> int:
+        """``k`` (``train.classes_per_batch``) validated against a loader's batch and the data's labels."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise DataError(f"train.classes_per_batch must be an integer ≥ 0 (0: i.i.d. batches), got {k!r}")
+        if k and data.num_classes == 0:
+            raise DataError(f"train.classes_per_batch={k} (same-class groups) needs a labelled dataset; "
+                            f"'{data.name}' has no labels (use 0)")
+        if k and batch_size % k:
+            raise DataError(f"train.classes_per_batch={k} must divide the batch of {batch_size} rows "
+                            "(train.batch_size, per rank under train.world_size): each group holds batch/k rows")
+        return k
 
     def indices(self) -> Tensor:
         """(batch_size,) row indices on the data's device."""
         n, dev = len(self.data.x), self.data.x.device
-        if self.class_consistent:
-            c = int(torch.multinomial(self.counts.float(), 1, generator=self.generator))
-            pos = torch.randint(int(self.counts[c]), (self.batch_size,), generator=self.generator)
-            return self.order[(self.starts[c] + pos).to(dev)]
+        k = self.classes_per_batch
+        if k:
+            m = self.batch_size // k
+            classes = torch.multinomial(self.counts.double(), k, replacement=self.replace, generator=self.generator)
+            size = self.counts[classes]
+            u = torch.rand((k, m), generator=self.generator, dtype=torch.float64)
+            pos = torch.minimum((u * size[:, None]).long(), size[:, None] - 1)  # uniform in 0..size−1
+            return self.order[(self.starts[classes][:, None] + pos).reshape(-1).to(dev)]
         return torch.randint(n, (self.batch_size,), generator=self.generator).to(dev)
 
     def next(self) -> tuple[Tensor, Tensor]:
@@ -85,11 +112,14 @@ class ResidentLoader:
         return self.data.x[idx], self.data.labels[idx]
 
 
-def make_loader(data: Data, batch_size: int, generator: torch.Generator, class_consistent: bool = False):
-    """The training loader of ``data``: its own (``data.loader``) or a :class:`ResidentLoader` over ``x``."""
+def make_loader(data: Data, batch_size: int, generator: torch.Generator, classes_per_batch: int = 0):
+    """The training loader of ``data``: its own (``data.loader``) or a :class:`ResidentLoader` over ``x``.
+
+    ``classes_per_batch``: k same-class groups per batch (0: i.i.d.), see :class:`ResidentLoader`.
+    """
     if data.loader is not None:
-        return data.loader(batch_size, generator, class_consistent)
-    return ResidentLoader(data, batch_size, generator, class_consistent)
+        return data.loader(batch_size, generator, classes_per_batch)
+    return ResidentLoader(data, batch_size, generator, classes_per_batch)
 
 
 # -- 2-D toys ---------------------------------------------------------------

@@ -62,6 +62,19 @@ def local_batch_size(batch_size: int, ws: int) -> int:
     return batch_size // ws
 
 
+def local_classes_per_batch(classes_per_batch: int, ws: int) -> int:
+    """Same-class groups per rank (``train.classes_per_batch`` = k over the global batch).
+
+    Each rank holds whole groups and draws its own k/N of them (as ESC's reference
+    samples per GPU), so one optimiser step sees k groups; k must be a multiple of N.
+    """
+    k = int(classes_per_batch or 0)  # validated as an integer ≥ 0 by the loader
+    if k % ws:
+        raise ValueError(f"train.classes_per_batch={k} is not a multiple of train.world_size={ws}: each rank "
+                         f"holds whole same-class groups (k/N each; use a multiple of {ws}, or 0 for i.i.d. batches)")
+    return k // ws
+
+
 def seed_offset(r: int | None = None) -> int:
     """Added to the data/noise seeds of rank r (0 for rank 0, so one process is unchanged)."""
     return (rank() if r is None else r) * SEED_STRIDE
@@ -176,6 +189,8 @@ def launch(fn, cfg: DictConfig, **kwargs):
 
     ws = world_size(cfg)
     local_batch_size(int(cfg.train.batch_size), ws)  # refuse before anything starts
+    if isinstance(cfg.train.get("classes_per_batch"), int):  # null (the preset's choice): checked in setup
+        local_classes_per_batch(cfg.train.classes_per_batch, ws)
     backend = backend_for(cfg)
     threads = torch.get_num_threads()
     per_rank = max(1, threads // ws)  # CPU ranks share the cores instead of oversubscribing them

@@ -109,8 +109,8 @@ class MomentsLoader(ResidentLoader):
     """Resident posterior moments (``data.x`` = scaled mean): every batch draws x = mean + std·ε afresh."""
 
     def __init__(self, data: Data, std: Tensor, batch_size: int, generator: torch.Generator,
-                 class_consistent: bool = False):
-        super().__init__(data, batch_size, generator, class_consistent)
+                 classes_per_batch: int = 0):
+        super().__init__(data, batch_size, generator, classes_per_batch)
         self.std = std  # (N, C, H, W), already scaled
 
     def next(self) -> tuple[Tensor, Tensor]:
@@ -131,12 +131,29 @@ class ShardStream:
     are served first from the next buffer, so consecutive passes never mix. A
     background thread reads the next group while this one is served: at most
     about 2·``group`` shards plus one batch are in memory (``peak_rows`` records it).
+
+    ``classes_per_batch`` = k ≥ 1 (ESC's class-consistent batches, see
+    :class:`ablate.data.ResidentLoader`): every batch is k contiguous blocks of
+    batch_size/k rows, each block one class, the k classes distinct (k ≤
+    ``num_classes``) and drawn in one call in proportion to the rows the buffer
+    holds of each, among the classes with a whole block buffered. The buffer is
+    kept sorted by class; rows of a class not yet served stay, ahead of the
+    next group's rows, so within each class every row is still served once per
+    pass and passes never mix (a class short of a whole group waits for the
+    next group of shards; ``peak_rows`` records what that costs in memory).
     """
 
     def __init__(self, shards: LatentShards, batch_size: int, generator: torch.Generator, *, device="cpu",
-                 group: int = 2):
+                 group: int = 2, classes_per_batch: int = 0, num_classes: int = 0):
         self.shards, self.batch_size, self.generator = shards, batch_size, generator
         self.device, self.group = torch.device(device), max(1, int(group))
+        self.classes_per_batch, self.num_classes = int(classes_per_batch), int(num_classes)
+        if self.classes_per_batch > self.num_classes:
+            raise DataError(f"latents: train.classes_per_batch={self.classes_per_batch} needs as many distinct "
+                            f"classes per batch when streamed; the data has {self.num_classes} (data.stream=false "
+                            "draws classes with replacement)")
+        self.counts, self.starts, self.taken = (torch.zeros(max(1, self.num_classes), dtype=torch.long) for _ in 'cst')
+        self.added = 0  # rows read since the last batch of same-class groups (bounds a hopeless search)
         self.order: list[int] = []
         self.x = torch.empty((0, *shards.shape))
         self.y = torch.empty(0, dtype=torch.long)
@@ -170,7 +187,44 @@ class ShardStream:
         self.pos = 0
         self.peak_rows = max(self.peak_rows, len(self.x) + self.pending_rows)
 
+    def _refill_by_class(self) -> None:
+        """Like :meth:`_refill`, for class groups: unserved rows first, then the new group shuffled, sorted by class."""
+        x, y = self.pending.result()
+        self.pending, self.pending_rows = self._schedule()
+        self.added += len(x)
+        perm = torch.randperm(len(x), generator=self.generator)
+        x, y = x[perm], y[perm]
+        if len(self.y):  # the rows not served yet go first
+            keep = torch.arange(len(self.y)) - self.starts[self.y] >= self.taken[self.y]
+            x, y = torch.cat([self.x[keep], x]), torch.cat([self.y[keep], y])
+        order = torch.argsort(y, stable=True)  # stable: within a class, older rows first
+        self.x, self.y = x[order], y[order]
+        self.counts = torch.bincount(self.y, minlength=self.num_classes)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.taken = torch.zeros_like(self.counts)
+        self.peak_rows = max(self.peak_rows, len(self.x) + self.pending_rows)
+
+    def _next_by_class(self) -> tuple[Tensor, Tensor]:
+        k = self.classes_per_batch
+        m = self.batch_size // k
+        while True:
+            avail = self.counts - self.taken
+            avail = avail * (avail >= m)  # classes with a whole group buffered
+            if int((avail > 0).sum()) >= k:
+                break
+            if self.added > 2 * sum(self.shards.rows):  # a whole pass read and still too few: never enough
+                raise DataError(f"latents: train.classes_per_batch={k} needs {k} classes with {m} rows each "
+                                f"(batch {self.batch_size}/k); the shards hold fewer")
+            self._refill_by_class()
+        classes = torch.multinomial(avail.double(), k, replacement=False, generator=self.generator)
+        idx = ((self.starts[classes] + self.taken[classes])[:, None] + torch.arange(m)).reshape(-1)
+        self.taken[classes] += m
+        self.added = 0
+        return self.x[idx].to(self.device), self.y[idx].to(self.device)
+
     def next(self) -> tuple[Tensor, Tensor]:
+        if self.classes_per_batch:
+            return self._next_by_class()
         while len(self.x) - self.pos < self.batch_size:
             self._refill()
         sl = slice(self.pos, self.pos + self.batch_size)
@@ -218,15 +272,15 @@ def latents(path: str = "", num_classes: int | None = None, scale: float | None 
     n = sum(map(len, ys)) if not streamed else min(max(1, eval_rows), sum(map(len, ys)))
     x, y = torch.cat(xs)[:n].to(device), torch.cat(ys)[:n].to(device)
     if streamed:
-        def loader(batch_size, generator, class_consistent=False):
-            if class_consistent:
-                raise DataError("latents: class-consistent batches need resident data; set data.stream=false")
-            return ShardStream(shards, batch_size, generator, device=device, group=stream_group)
+        def loader(batch_size, generator, classes_per_batch=0):
+            ResidentLoader.check_classes_per_batch(classes_per_batch, batch_size, data)
+            return ShardStream(shards, batch_size, generator, device=device, group=stream_group,
+                               classes_per_batch=classes_per_batch, num_classes=data.num_classes)
     elif shards.format == "moments":
         std = torch.cat(stds).to(device)
 
-        def loader(batch_size, generator, class_consistent=False):
-            return MomentsLoader(data, std, batch_size, generator, class_consistent)
+        def loader(batch_size, generator, classes_per_batch=0):
+            return MomentsLoader(data, std, batch_size, generator, classes_per_batch)
     else:
         loader = None
     data = Data("latents", x, y, k, "latent", loader=loader,

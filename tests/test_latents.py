@@ -220,8 +220,15 @@ def test_latents_dataset_streams_when_asked_or_larger_than_memory(tmp_path):
     assert isinstance(loader, ShardStream)
     x, y = loader.next()
     assert x.shape == (6, 4, 2, 2) and y.tolist() == (x[:, 0, 0, 0].long() % 3).tolist()
-    with pytest.raises(DataError, match="class-consistent"):
-        make_loader(data, 6, torch.Generator(), class_consistent=True)
+    grouped = make_loader(data, 6, torch.Generator().manual_seed(2), classes_per_batch=3)  # 3 groups of 2 rows
+    for _ in range(8):  # several refills: groups still whole and of distinct classes
+        x, y = grouped.next()
+        assert y.tolist() == (x[:, 0, 0, 0].long() % 3).tolist()
+        assert all(len(set(g)) == 1 for g in y.view(3, 2).tolist()) and len(set(y.tolist())) == 3
+    with pytest.raises(DataError, match="classes_per_batch=4 must divide"):
+        make_loader(data, 6, torch.Generator(), classes_per_batch=4)
+    with pytest.raises(DataError, match="distinct classes"):
+        make_loader(data, 8, torch.Generator(), classes_per_batch=4)  # 4 distinct classes of 3
     auto = load_data({"name": "latents", "path": str(tmp_path / "ids"), "memory_gb": 1e-9})
     assert auto.meta["streamed"]
     assert not load_data({"name": "latents", "path": str(tmp_path / "ids")}).meta["streamed"]
