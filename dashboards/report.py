@@ -13,12 +13,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from dashboards.tables import (DESIGN_KINDS, importance, interaction, load_histories, load_trials, main_effects,
-                               rank)
+from dashboards.paper import MIN_PRESETS, SOURCE, compare_to_paper
+from dashboards.tables import (DESIGN_KINDS, MIN_SEEDS, SE_MARGIN, importance, interaction, load_histories,
+                               load_trials, main_effects, rank, too_few)
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -179,12 +181,22 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
     grids = sample_grids(trials, uri)
     n_fail = int((trials["status"] == "FAILED").sum())
     n_stop = int((trials["status"] == "KILLED").sum())
+    racing = trials.attrs.get("racing", "")
+    paper, paper_error = None, ""
+    if "final/fid/nfe_1" in trials:  # the paper's orderings are at 1 NFE
+        try:
+            paper = compare_to_paper(trials)
+        except Exception as exc:  # noqa: BLE001 - the rest of the report stands without this section
+            paper_error = f"<p>(no paper orderings: {html.escape(type(exc).__name__)}: {html.escape(str(exc))})</p>"
     parts = [f"<h1>Study {html.escape(study)}</h1>",
              f"<p>{len(trials)} trials: {int((trials['status'] == 'FINISHED').sum())} finished, {n_fail} failed, "
              f"{n_stop} stopped, {int((trials['status'] == 'RUNNING').sum())} running. Objective: "
-             f"<b>{html.escape(objective)}</b> (lower is better). Designs whose 95 % interval overlaps the "
-             f"leader's are marked not separable.</p>", _provenance(trials),
-             "<h2>Ranking</h2>", ranking.to_html(index=False, float_format=lambda v: f"{v:.4g}", classes="tbl")]
+             f"<b>{html.escape(objective)}</b> (lower is better).</p>", f"<p>{html.escape(RANKING_NOTE if ranking.attrs.get('scale', 'log') == 'log' else RAW_NOTE)}</p>",
+             f"<p>Seeds by racing: {html.escape(racing)}</p>" if racing else "", _provenance(trials),
+             "<h2>Ranking</h2>", ranking_view(ranking).to_html(index=False, classes="tbl")]
+    if paper is not None and paper.n >= MIN_PRESETS:
+        parts += paper_html(paper)
+    parts.append(paper_error)
     if len(nfes) > 1:
         parts += ["<h2>Ranking at every step budget</h2>", ranks_by_nfe(trials, nfes).to_html(classes="tbl")]
     if n_fail:
@@ -217,17 +229,69 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
             "margin:6px}figure img{width:180px;image-rendering:pixelated}figcaption{font-size:11px;width:180px}"
             "</style><script type='text/javascript'>" + get_plotlyjs() + "</script></head><body>"
             + "\n".join(parts) + "</body></html>")
-    summary = {"objective": objective, "ranking": ranking, "effects": effects, "figures": [n for n, _ in figs]}
+    summary = {"objective": objective, "ranking": ranking, "effects": effects, "figures": [n for n, _ in figs],
+               "paper": paper}
     return page, summary
 
 
+RANKING_NOTE = (f"FID: geometric mean over seeds with the 95 % t-interval of mean log FID, exponentiated. "
+                f"vs leader: per seed, log FID(design) - log FID(leader) over the seeds both have (paired: "
+                f"seeds share all design-independent randomness), as a ratio with its 95 % t-interval; "
+                f"not separable when it contains 1. Fewer than {MIN_SEEDS} shared seeds give no interval: "
+                f"separable only when every shared seed's difference exceeds {SE_MARGIN:g} combined FID "
+                f"sampling SEs (fid_se), else undetermined.")
+RAW_NOTE = (f"The objective takes values <= 0: mean with its 95 % t-interval, and per seed the raw difference "
+            f"to the leader over the seeds both have, with its 95 % t-interval (n >= {MIN_SEEDS}); not separable "
+            f"when it contains 0, undetermined with fewer shared seeds.")
+
+
+def _num(v, digits: int = 4) -> str:
+    return "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def ranking_view(ranking: pd.DataFrame) -> pd.DataFrame:
+    """The ranking as the report shows it: paired columns in words, the n<3 message, noise and seed columns."""
+    r = ranking
+    view = pd.DataFrame({
+        "rank": r["rank"], "design": r["design"] if "design" in r else r.iloc[:, 1],
+        "FID (geom. mean)": [_num(v) for v in r["gmean"]], "95 % interval": r["interval"],
+        "vs leader (paired ratio, 95 % interval)": r["vs_leader"], "verdict": r["verdict"],
+        "mean": [_num(v) for v in r["mean"]], "sd over seeds": [_num(v, 3) for v in r["std"]], "n": r["n"]})
+    if r["fid_se"].notna().any():
+        view["sampling SE"] = [_num(v, 3) for v in r["fid_se"]]
+        view["more seeds or more samples?"] = r["noise"]
+    view["seeds"] = r["seeds"]
+    if (r["seed_reason"].astype(str) != "").any():
+        view["why these seeds"] = r["seed_reason"]
+    view["failed"], view["stopped"] = r["failed"], r["stopped"]
+    return view
+
+
+def paper_html(cmp) -> list[str]:
+    """The "paper orderings" section: our 1-NFE ranking beside the published one."""
+    tab = cmp.table[["preset", "design", "ours", "our_rank", "study_rank", "published", "published_rank"]].rename(
+        columns={"ours": f"ours ({cmp.objective}, geom. mean [95 %])", "study_rank": "rank in study",
+                 "published": "published FID"})
+    rho = "n/a" if not np.isfinite(cmp.rho) else f"{cmp.rho:.2f}"
+    items = [f"<li>{html.escape(p.pair)}: {html.escape(p.verdict)}</li>" for p in cmp.pairs.itertuples()]
+    if cmp.esc:
+        items.append(f"<li>ESC vs MeanFlow: {html.escape(cmp.esc['verdict'])}</li>")
+    return ["<h2>Paper orderings</h2>", f"<p>Published: {html.escape(SOURCE)}. Ranks are among the presets "
+            f"listed; ESC has no published CIFAR-10 number and is placed ahead of MeanFlow.</p>",
+            tab.to_html(index=False, classes="tbl"),
+            f"<p>Spearman's &rho; between our order and the published one over {cmp.n} presets: <b>{rho}</b>"
+            + (f" (p = {cmp.rho_p:.2g})" if np.isfinite(cmp.rho_p) else "") + "</p>",
+            "<ul>" + "".join(items) + "</ul>" if items else ""]
+
+
 def ranks_by_nfe(trials: pd.DataFrame, nfes: list[int]) -> pd.DataFrame:
-    """design × NFE: "mean [95 % interval] #rank" of the final FID at each step budget."""
+    """design × NFE: "geometric mean [95 % interval] #rank" of the final FID at each step budget."""
     cols = {}
     for n in nfes:
         r = rank(trials, f"fid/nfe_{n}").set_index("design")
-        cols[f"FID @ {n} NFE"] = {d: f"{row['mean']:.4g} [{row['ci_low']:.3g}, {row['ci_high']:.3g}] #{row['rank']}"
-                                  for d, row in r.iterrows()}
+        cols[f"FID @ {n} NFE"] = {d: f"{row['gmean']:.4g} " + (f"[{row['ci_low']:.3g}, {row['ci_high']:.3g}]"
+                                                              if row["n"] >= MIN_SEEDS else f"({too_few(row['n'])})")
+                                  + f" #{row['rank']}" for d, row in r.iterrows()}
     return pd.DataFrame(cols)
 
 
@@ -263,12 +327,17 @@ def write(study: str, uri: str | None = None, out: Path | None = None, objective
 
 def terminal_summary(summary: dict, top: int = 6) -> str:
     r = summary["ranking"].head(top)
-    lines = [f"ranking by {summary['objective']} (mean, 95 % interval over seeds):"]
+    lines = [f"ranking by {summary['objective']} (geometric mean, 95 % interval over seeds; vs #1 paired by seed):"]
     for row in r.itertuples():
-        sep = "" if row.separable or row.rank == 1 else "  (not separable from #1)"
+        iv = (f"[{row.ci_low:.4g}, {row.ci_high:.4g}] n={row.n}" if row.n >= MIN_SEEDS else row.interval)
+        vs = "" if row.rank == 1 else f"  vs #1: {row.vs_leader}"
+        se = f"  sampling SE {row.fid_se:.3g}: {row.noise}" if np.isfinite(row.fid_se) else ""
+        why = f"  seeds: {row.seeds} ({row.seed_reason})" if row.seed_reason else ""
         fails = f"  [{row.failed} failed]" if row.failed else ""
-        lines.append(f"  {row.rank}. {row.design}: {row.mean:.4g} [{row.ci_low:.4g}, {row.ci_high:.4g}] "
-                     f"n={row.n}{sep}{fails}")
+        lines.append(f"  {row.rank}. {row.design}: {row.gmean:.4g} {iv}{vs}{se}{why}{fails}")
+    paper = summary.get("paper")
+    if paper is not None and paper.n >= MIN_PRESETS:
+        lines += paper.lines()
     eff = summary["effects"]
     if len(eff):
         lines.append(f"component that matters most: {eff.iloc[0]['kind']} "

@@ -50,7 +50,9 @@ def test_equal_means_are_not_separable_and_a_clear_gap_is():
     assert set(r.loc[:1, "design"]) == {"linear-meanflow", "cosine-meanflow"}
     assert not r.loc[0, "separable"] and not r.loc[1, "separable"]  # same planted mean
     assert r.loc[2:, "separable"].all()  # 10 FID worse with noise 0.5: clearly separated
-    assert (r["ci_low"] <= r["mean"]).all() and (r["mean"] <= r["ci_high"]).all()
+    assert (r["ci_low"] <= r["gmean"]).all() and (r["gmean"] <= r["ci_high"]).all() and (r["ci_low"] > 0).all()
+    assert r.loc[1, "verdict"] == "not separable" and r.loc[1, "ratio_low"] < 1 < r.loc[1, "ratio_high"]
+    assert (r.loc[2:, "ratio_low"] > 1.3).all() and (r["n_paired"] == 4).all()  # paired over the 4 shared seeds
 
 
 def test_failures_are_counted_and_never_averaged():
@@ -91,6 +93,8 @@ def test_report_of_a_real_study_opens_cleanly_in_headless_chromium(study, tmp_pa
     text = report.read_text()
     assert "<script src" not in text.replace(" ", "").lower().replace("<scriptsrc", "<script src") \
         and len(text) > 3_000_000  # self-contained: Plotly's JavaScript is embedded, nothing is fetched
+    assert "vs leader (paired ratio, 95 % interval)" in text  # the ranking pairs designs seed by seed
+    assert "n=1: too few seeds for an interval" in text  # one seed per design: no interval is claimed
     figures = re.findall(r'id="fig-([a-z_]+)"', text)
     assert {"curves", "nfe", "main_effects", "parallel", "pareto"} <= set(figures)
     exe = _chromium()
