@@ -14,7 +14,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 BASE = Path(__file__).parent / "conf" / "base.yaml"
 OPEN_SECTIONS = {"data", "design"}  # plugin options: checked by the registries instead
-OPEN_PATHS = {"eval.extractor", "search.grid", "search.space"}  # a plugin name or {name, **options}: checked by its registry
+OPEN_PATHS = {"eval.extractor", "search.grid", "search.space", "search.seeds"}  # checked by their owners
+# (eval.extractor: its registry; search.*: ablate.run; search.seeds: an int or {min, max, step}, ablate.race)
 
 
 def _under_open_path(key: str) -> str | None:
@@ -96,7 +97,7 @@ def apply_overrides(cfg: DictConfig, overrides: list[str], base: DictConfig) -> 
         open_path = _under_open_path(key)
         if (section not in OPEN_SECTIONS and open_path is None
                 and OmegaConf.select(base, key, default="__missing__") == "__missing__"):
-            problems.append((key, f"unknown key; valid keys here: {_siblings(base, key)}"))
+            problems.append((key, REMOVED_KEYS.get(key) or f"unknown key; valid keys here: {_siblings(base, key)}"))
             continue
         if open_path and key != open_path and isinstance(OmegaConf.select(cfg, open_path), str):
             OmegaConf.update(cfg, open_path, {"name": OmegaConf.select(cfg, open_path)}, merge=False)
@@ -119,6 +120,14 @@ def _siblings(base: DictConfig, key: str) -> str:
     return ", ".join(node.keys()) if isinstance(node, DictConfig) else "(none)"
 
 
+#: keys that were removed, with what replaces them (the message a config still setting one gets)
+REMOVED_KEYS = {
+    "train.class_consistent": "removed: use train.classes_per_batch instead (k same-class groups per batch; "
+                              "1: the old class_consistent=true, one class per batch; 0: i.i.d. batches; "
+                              "null: the preset's choice, esc: 8)",
+}
+
+
 def check_keys(cfg: DictConfig, base: DictConfig, prefix: str = "") -> list[tuple[str, str]]:
     """Unknown keys and wrong types in the closed sections (everything but data/design)."""
     problems = []
@@ -129,7 +138,8 @@ def check_keys(cfg: DictConfig, base: DictConfig, prefix: str = "") -> list[tupl
         if (not prefix and key in OPEN_SECTIONS) or path in OPEN_PATHS:
             continue
         if key not in base:
-            problems.append((path, f"unknown key; valid keys here: {', '.join(map(str, base.keys()))}"))
+            problems.append((path, REMOVED_KEYS.get(path)
+                             or f"unknown key; valid keys here: {', '.join(map(str, base.keys()))}"))
             continue
         value, default = cfg[key], base[key]
         if isinstance(default, DictConfig):

@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import ConfigError
+from ablate.race import round_dir
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
@@ -62,13 +63,17 @@ def expand_trials(cfg: DictConfig, source: str, dry_run: bool = False) -> list[d
         return trials
     grid = OmegaConf.to_container(cfg.search.grid, resolve=True) or {}
     grid = {k: v for k, v in grid.items() if isinstance(v, list) and v}
-    if int(cfg.search.seeds) < 1 or problems and not grid:
+    if problems and not grid:
         raise ConfigError(source, problems)
+    try:
+        first_seeds = seed_plan(cfg).min  # racing adds seeds later (ablate/race.py)
+    except ValueError:
+        raise ConfigError(source, _unique(problems)) from None  # reported by validate_search
     keys = list(grid)
     trials, seen = [], set()
     for combo in itertools.product(*(grid[k] for k in keys)) if keys else [()]:
         over = dict(zip(keys, combo))
-        for seed in range(int(cfg.search.seeds)):
+        for seed in range(first_seeds):
             try:
                 t = describe_trial(cfg, over, seed, data_cache, dry_run)
             except ConfigError as exc:
@@ -80,6 +85,14 @@ def expand_trials(cfg: DictConfig, source: str, dry_run: bool = False) -> list[d
     if problems:
         raise ConfigError(source, _unique(problems))
     return trials
+
+
+def seed_plan(cfg: DictConfig):
+    """``search.seeds`` as a :class:`ablate.race.SeedPlan` (an int, or {min, max, step} for racing)."""
+    from ablate.race import SeedPlan
+
+    seeds = cfg.search.seeds
+    return SeedPlan.parse(OmegaConf.to_container(seeds) if isinstance(seeds, DictConfig) else seeds)
 
 
 def _unique(problems):
@@ -116,8 +129,13 @@ def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
             problems.append(("search.num_samples", f"must be ≥ 1, got {s.num_samples}"))
         if s.sampler not in SAMPLERS:
             problems.append(("search.sampler", f"unknown sampler {s.sampler!r}; valid: {', '.join(SAMPLERS)}"))
-    if int(s.seeds) < 1:
-        problems.append(("search.seeds", f"must be ≥ 1, got {s.seeds}"))
+    try:
+        plan = seed_plan(cfg)
+        if plan.racing and s.mode != "grid":
+            problems.append(("search.seeds", "seeds by racing ({min, max}) need search.mode: grid; optuna repeats "
+                                             "each design a fixed number of times"))
+    except ValueError as exc:
+        problems.append(("search.seeds", str(exc)))
     if not list(s.objective):
         problems.append(("search.objective", "name at least one metric, e.g. fid/nfe_1"))
     for obj in s.objective:
@@ -165,7 +183,19 @@ def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | No
     tag = f"-{hashlib.sha256(json.dumps(other, sort_keys=True).encode()).hexdigest()[:6]}" if other else ""
     variant = ", ".join(f"{k}={v}" for k, v in sorted(other.items()))  # what else tells this design's trials apart
     return {"key": f"{design.design_id}{tag}-s{seed}", "overrides": over, "seed": seed, "slug": design.slug,
+            "preset": _pure_preset(design),
             "design_id": design.design_id, "params": design.flat_params(), "variant": variant}
+
+
+def _pure_preset(design) -> str:
+    """The preset a design is, unchanged but for its backbone ('' when components were swapped or retuned)."""
+    from ablate.design import resolve_design
+
+    if not design.preset:
+        return ""
+    backbone = design.components["backbone"]
+    pure = resolve_design({"preset": design.preset, "backbone": {"name": backbone["name"], **backbone["kwargs"]}})
+    return design.preset if pure.design_id == design.design_id else ""
 
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random")
@@ -255,7 +285,9 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
         cfg.train.world_size = int(cfg.resources.gpus_per_trial)
     cl = tracking.client(uri)
     tags = {"design_id": t["design_id"], "slug": t["slug"], "seed": str(t["seed"]), "study": str(cfg.name),
-            "variant": t.get("variant", ""), "git_commit": tracking.git_commit()}
+            "variant": t.get("variant", ""), "seed_reason": t.get("reason", "initial"),
+            "preset": t.get("preset", ""),
+            "git_commit": tracking.git_commit()}
     run_id, status = tracking.child_run(cl, exp_id, parent_id, t["key"], f"{t['slug']}-s{t['seed']}", tags)
     if status == "FINISHED":  # recorded complete before an interruption: never train it again
         final = json.loads((out / "final.json").read_text()) if (out / "final.json").exists() else {}
@@ -350,7 +382,7 @@ def _main(args) -> int:
     root = storage_root(cfg)
     if cfg.search.mode == "optuna":
         print(f"study {name}: optuna ({cfg.search.sampler}) over {list(cfg.search.space)}, "
-              f"{cfg.search.num_samples} designs × {cfg.search.seeds} seeds, objective {list(cfg.search.objective)}"
+              f"{cfg.search.num_samples} designs × {seed_plan(cfg).min} seeds, objective {list(cfg.search.objective)}"
               f" ({source}); the space was validated on these designs:")
     else:
         print(f"study {name}: {len(trials)} trials ({source})")
@@ -398,22 +430,32 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
     slots = int(ray.cluster_resources().get("CPU", 1) // max(float(res.cpus_per_trial), 1e-9))
     if float(res.gpus_per_trial) > 0:
         slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // float(res.gpus_per_trial)))
-    n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * int(cfg.search.seeds)
+    n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * seed_plan(cfg).min
     concurrency = max(1, min(n_trials, int(res.max_concurrent) or slots, slots))
     tracking.retry(cl.set_tag, parent_id, "concurrency", str(concurrency))  # for the overhead benchmark
     tune_cfg = tune_config(cfg)
-    run_cfg = tune.RunConfig(name=name, storage_path=str(root), verbose=1,
-                             failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
-                             checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-    path = exp_dir
-    if not fresh and tune.Tuner.can_restore(path):
-        print(f"resuming study {name} from {path}")
-        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-    else:
-        space = {"trial": tune.grid_search(trials)} if cfg.search.mode == "grid" else {}
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_cfg, run_config=run_cfg)
-    results = tuner.fit()
-    close_unfinished(cl, exp_id, parent_id, trials_dir)
+
+    def fit(k: int, round_trials: list[dict]) -> list:
+        """Round k of the study (k ≥ 1: a racing round, ablate/race.py): a Tune experiment, restored if it exists."""
+        storage, rname = round_dir(str(root), name, k)
+        run_cfg = tune.RunConfig(name=rname, storage_path=storage, verbose=1,
+                                 failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
+                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
+        path = f"{storage}/{rname}"
+        if not fresh and tune.Tuner.can_restore(path):
+            print(f"resuming study {name} from {path}")
+            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+        else:
+            space = {"trial": tune.grid_search(round_trials)} if cfg.search.mode == "grid" else {}
+            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_cfg, run_config=run_cfg)
+        out = list(tuner.fit())
+        close_unfinished(cl, exp_id, parent_id, trials_dir)
+        return out
+
+    results = fit(0, trials)
+    plan = seed_plan(cfg)
+    if cfg.search.mode == "grid" and plan.racing:
+        results += race(cfg, trials, plan, fit, cl, parent_id, uri, objective)
     errors = [r for r in results if r.error is not None]
     tracking.retry(cl.set_terminated, parent_id, status="FAILED" if len(errors) == len(results) else "FINISHED")
     try:  # the report never decides the study's outcome
@@ -428,6 +470,25 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
           f"  mlflow ui --backend-store-uri {uri}")
     ray.shutdown()
     return 0 if not errors else 1
+
+
+def race(cfg: DictConfig, trials: list[dict], plan, fit, cl, parent_id: str, uri: str, objective: str) -> list:
+    """Seeds by racing (ablate/race.py): more seeds for the designs not yet separable from the leader."""
+    from ablate import tracking
+    from ablate.race import run_race
+    from dashboards.tables import load_trials, rank
+
+    name, data_cache = str(cfg.name), {}
+    tracking.retry(cl.set_tag, parent_id, "racing", f"min={plan.min}, max={plan.max}, step={plan.step}")
+
+    def note(k, leader, contenders, new):
+        said = (f"racing round {k}: leader {leader}; not yet separable: {', '.join(contenders) or 'none'}; "
+                + (f"{len(new)} more trials" if new else "race over"))
+        print(said)
+        tracking.retry(cl.set_tag, parent_id, f"race.round{k}", said[:5000])
+
+    return run_race(trials, plan, fit, lambda over, seed: describe_trial(cfg, over, seed, data_cache),
+                    lambda: rank(load_trials(name, uri), objective), note)
 
 
 def tune_config(cfg: DictConfig):
@@ -461,11 +522,12 @@ def tune_config(cfg: DictConfig):
     searcher = OptunaSearch(space=OptunaSpace(OmegaConf.to_container(s.space, resolve=True)),
                             metric=objectives if multi else objectives[0],
                             mode=["min"] * len(objectives) if multi else "min", sampler=sampler)
-    if int(s.seeds) > 1:
-        searcher = Repeater(searcher, repeat=int(s.seeds))
+    seeds = seed_plan(cfg).min  # validated: no racing with optuna
+    if seeds > 1:
+        searcher = Repeater(searcher, repeat=seeds)
     if limit:
         searcher = ConcurrencyLimiter(searcher, max_concurrent=limit)
-    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(s.num_samples) * int(s.seeds))
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(s.num_samples) * seeds)
 
 
 def close_unfinished(cl, exp_id: str, parent_id: str, trials_dir: Path) -> None:
