@@ -206,7 +206,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
 # One instance per kind. Facts are supplied by the platform, never by users.
 SCHEDULE = Registry("schedule")
 TIME_SAMPLER = Registry("time_sampler", facts=("schedule", "train_steps"))
-TARGET = Registry("target")
+TARGET = Registry("target", facts=("train_steps",))
 WEIGHTING = Registry("weighting", facts=("data_shape", "schedule"))
 BACKBONE = Registry("backbone", facts=("data_shape", "num_classes"))
 GUIDANCE = Registry("guidance")

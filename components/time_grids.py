@@ -55,7 +55,11 @@ def sigma_grid(steps: int, grid: str, rho: float, sigma_min: float, sigma_max: f
     return (sigma_min ** p + i * (sigma_max ** p - sigma_min ** p)) ** (1.0 / p)
 
 
-@TIME_SAMPLER.register("discrete", slug=lambda kw: f"discrete{kw['steps']}")
+def _discrete_slug(kw: dict) -> str:
+    return "discrete_ict" if kw.get("curriculum") == "doubling" else f"discrete{kw['steps']}"
+
+
+@TIME_SAMPLER.register("discrete", slug=_discrete_slug)
 class Discrete:
     """Consistency training's discrete times (Song et al. 2023; iCT, Song & Dhariwal 2024), r = 0.
 
@@ -63,7 +67,15 @@ class Discrete:
     ``"uniform"``: spaced in σ), mapped onto the path by σ(t)/α(t) = σ/σ_data. A row
     draws an index i ∈ [0, N − 2] (``index="uniform"``, or iCT's ``"lognormal"``:
     p(i) ∝ erf((ln σ_{i+1} − P_mean)/√2 P_std) − erf((ln σ_i − P_mean)/√2 P_std)) and gets
-    t = t_{i+1}; ``previous(t)`` = t_i is the consistency target's adjacent time.
+    t = t_{i+1}; ``previous(t, step)`` = t_i is the consistency target's adjacent time.
+
+    ``curriculum="doubling"``: iCT's discretisation curriculum over the run (Song & Dhariwal 2024,
+    eq. 8) instead of a fixed ``steps``: at training step k the grid has
+    N(k) = min(s0·2^⌊k/K′⌋, s1) + 1 levels, K′ = ⌊K/(log₂⌊s1/s0⌋ + 1)⌋, K = the run's
+    ``train.steps`` (iCT: s0 = 10, s1 = 1280), so the curriculum always spans the whole run.
+    ``previous`` then uses the grid of the step it is given. Off by default: the CT code of ESC's
+    code base (EDAPINENUT/ExplicitShortCut, ``loss/consistency_loss.py``) takes its number of scales
+    from the caller, and its training script wires no CT at all.
     """
 
     always_r_zero = True
@@ -71,30 +83,56 @@ class Discrete:
     def __init__(self, steps: int = 64, grid: Literal["karras", "uniform"] = "karras", rho: float = 7.0,
                  sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
                  index: Literal["uniform", "lognormal"] = "uniform", p_mean: float = -1.1, p_std: float = 2.0,
-                 *, schedule=None):
+                 curriculum: Literal["none", "doubling"] = "none", s0: int = 10, s1: int = 1280,
+                 *, schedule=None, train_steps: int | None = None):
         if steps < 2:
             raise ValueError(f"discrete steps must be ≥ 2, got {steps}")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         if schedule is None:
             raise ValueError("discrete needs the design's schedule")
+        if curriculum == "doubling":
+            if not 1 <= s0 <= s1:
+                raise ValueError(f"the doubling curriculum needs 1 ≤ s0 ≤ s1, got s0={s0}, s1={s1}")
+            if not train_steps:
+                raise ValueError("the doubling curriculum spans the run: train.steps is unknown here")
+        self.schedule, self.grid_kind, self.rho = schedule, grid, rho
+        self.sigma_min, self.sigma_max, self.sigma_data = sigma_min, sigma_max, sigma_data
+        self.index, self.p_mean, self.p_std = index, p_mean, p_std
+        self.curriculum, self.s0, self.s1 = curriculum, s0, s1
+        self.stage_steps = max(1, int(train_steps // (math.log2(s1 // s0) + 1))) if curriculum == "doubling" else 0
+        self._grids: dict[int, tuple[Tensor, Tensor]] = {}
         self.steps = steps
-        sig = sigma_grid(steps, grid, rho, sigma_min, sigma_max)
-        self.grid = schedule.t_from_ratio(sig / sigma_data).float()  # (N,) increasing in (0, 1)
-        if index == "lognormal":
-            cdf = torch.erf((sig.log() - p_mean) / (math.sqrt(2) * p_std))
-            self.probs = (cdf[1:] - cdf[:-1]).float()
-        else:
-            self.probs = torch.ones(steps - 1)
+        self.grid, self.probs = self.levels(steps)
+
+    def steps_at(self, step: int) -> int:
+        """The number of noise levels N at training ``step`` (``steps`` without a curriculum)."""
+        if self.curriculum != "doubling":
+            return self.steps
+        return min(self.s0 * 2 ** (int(step) // self.stage_steps), self.s1) + 1
+
+    def levels(self, steps: int) -> tuple[Tensor, Tensor]:
+        """(grid (N,) increasing in (0, 1), index probabilities (N − 1,)) for N = ``steps`` levels."""
+        if steps not in self._grids:
+            sig = sigma_grid(steps, self.grid_kind, self.rho, self.sigma_min, self.sigma_max)
+            grid = self.schedule.t_from_ratio(sig / self.sigma_data).float()
+            if self.index == "lognormal":
+                cdf = torch.erf((sig.log() - self.p_mean) / (math.sqrt(2) * self.p_std))
+                probs = (cdf[1:] - cdf[:-1]).float()
+            else:
+                probs = torch.ones(steps - 1)
+            self._grids[steps] = (grid, probs)
+        return self._grids[steps]
 
     def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
-        i = torch.multinomial(self.probs.to(device), n, replacement=True, generator=generator)
-        t = self.grid.to(device)[i + 1]
+        grid, probs = self.levels(self.steps_at(step))
+        i = torch.multinomial(probs.to(device), n, replacement=True, generator=generator)
+        t = grid.to(device)[i + 1]
         return t, torch.zeros_like(t)
 
-    def previous(self, t: Tensor) -> Tensor:
-        """The largest grid time below t (0 below the first grid point: the data end)."""
-        grid = self.grid.to(device=t.device, dtype=t.dtype)
+    def previous(self, t: Tensor, step: int = 0) -> Tensor:
+        """The largest grid time below t on the grid of training ``step`` (0 below its first point: the data end)."""
+        grid = self.levels(self.steps_at(step))[0].to(device=t.device, dtype=t.dtype)
         idx = torch.searchsorted(grid, t.contiguous(), right=False) - 1
         return torch.where(idx >= 0, grid[idx.clamp_min(0)], torch.zeros_like(t))
 

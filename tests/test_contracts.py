@@ -91,7 +91,7 @@ def _target_design(name: str, **extra):
 
 
 def _loss_and_grads(design, x, labels, *, randomize: bool):
-    comps = build_components(design, tuple(x.shape[1:]), NUM_CLASSES)
+    comps = build_components(design, tuple(x.shape[1:]), NUM_CLASSES, train_steps=100)
     torch.manual_seed(0)
     model = comps.backbone
     if randomize:
@@ -444,7 +444,7 @@ def test_preset_resolves_builds_and_trains_one_step(preset):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_preset_builds_with_a_tiny_dit(preset):
     design = resolve_design({"preset": preset}, default_backbone=dict(TINY_DIT))
-    comps = build_components(design, IMAGE_SHAPE, 10)
+    comps = build_components(design, IMAGE_SHAPE, 10, train_steps=100)
     assert comps.backbone(torch.zeros(2, *IMAGE_SHAPE), torch.zeros(2), torch.ones(2),
                           torch.zeros(2, dtype=torch.long)).shape == (2, *IMAGE_SHAPE)
 
@@ -492,6 +492,6 @@ def test_study_file_builds(path):
     except DataError:
         return  # the data is not on this machine: the designs were validated without it above
     design = resolve_design(design_spec, data.default_backbone())
-    comps = build_components(design, data.shape, data.num_classes)
+    comps = build_components(design, data.shape, data.num_classes, train_steps=100)
     assert comps.backbone is not None
     assert design.slug and len(design.design_id) == 12

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from components.guidance import cfg_combine
 from components.registry import TARGET
@@ -16,21 +17,38 @@ class Shortcut(Target):
 
     Rows whose step d = t − r exceeds the smallest step 1/``base_steps`` are
     bootstrap rows: with s = t − d/2 (the half-way time),
-        u₁ = u_T(z_t, s, t),  z_s = z_t − (d/2)·u₁,  u₂ = u_T(z_s, r, s),
-        target = (u₁ + u₂)/2   (clipped to ±``clip`` as in the released code; 0: no clipping),
+        u₁ = u_T(z_t, s, t),  z_s = z_t − (d/2)·u₁  (clipped to ±``midpoint_clip``),
+        u₂ = u_T(z_s, r, s),  target = (u₁ + u₂)/2  (clipped to ±``clip``),
     u_T the teacher (``teacher="ema"``: EMA weights at rate ``ema``, as in the
-    released code; ``"online"``: the model itself) under no gradient, with CFG
-    at scale ``bootstrap_cfg`` inside the teacher (1: off). The other rows are
-    flow matching: u_θ(z_t, r, t) regresses ṽ at the smallest step.
+    released code; ``"online"``: the model itself) under no gradient. The other rows are
+    flow matching: u_θ(z_t, r, t) regresses ṽ at the smallest step. Clips of 0 are off.
+
+    Details of the released code (kvfrans/shortcut-models, ``targets_shortcut.py``), the defaults:
+
+    - ``midpoint_clip=4``: the intermediate point z_s is clipped to [−4, 4] before the second
+      half step (as the target is, ``clip=4``).
+    - ``bootstrap_cfg`` = w ≠ 1: classifier-free guidance u∅ + w·(u_y − u∅) inside the teacher, on
+      the bootstrap rows of the smallest bootstrap step d = 2/``base_steps`` only
+      (``bootstrap_cfg_rows="smallest_step"``: the released code's first B_boot/log₂N bootstrap rows,
+      the rows of that level), whose half steps are flow-matching queries; the larger steps inherit
+      the guidance through the bootstrap. ``"all"``: guidance on every bootstrap row.
+    - ``bootstrap_labels="real"``: bootstrap rows keep the data's labels (``Problem.labels``) for the
+      teacher and the student; label dropout (``Problem.y``) applies to the flow-matching rows only.
+      ``"dropped"``: every row uses ``Problem.y``.
     """
 
     def __init__(self, base_steps: int = 128, teacher: Literal["ema", "online"] = "ema", ema: float = 0.999,
-                 clip: float = 4.0, bootstrap_cfg: float = 1.0,
+                 clip: float = 4.0, midpoint_clip: float = 4.0, bootstrap_cfg: float = 1.0,
+                 bootstrap_cfg_rows: Literal["smallest_step", "all"] = "smallest_step",
+                 bootstrap_labels: Literal["real", "dropped"] = "real",
                  velocity: Literal["conditional", "plugin"] = "conditional", plugin_prob: float = 0.5):
         super().__init__(velocity, plugin_prob)
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"shortcut ema must be in [0, 1), got {ema}")
-        self.base_steps, self.clip, self.bootstrap_cfg = base_steps, clip, bootstrap_cfg
+        if clip < 0 or midpoint_clip < 0:
+            raise ValueError(f"shortcut clip and midpoint_clip must be ≥ 0 (0: off), got {clip}, {midpoint_clip}")
+        self.base_steps, self.clip, self.midpoint_clip = base_steps, clip, midpoint_clip
+        self.bootstrap_cfg, self.bootstrap_cfg_rows, self.bootstrap_labels = bootstrap_cfg, bootstrap_cfg_rows, bootstrap_labels
         self.teacher_ema = ema if teacher == "ema" else None
 
     def compatible(self, components):
@@ -44,20 +62,41 @@ class Shortcut(Target):
     def __call__(self, nets, pb):
         d = pb.t - pb.r
         boot = d > (1.0 + 1e-4) / self.base_steps
+        y = torch.where(boot, pb.labels, pb.y) if self.bootstrap_labels == "real" else pb.y
         target = self.velocity(nets, pb)
         if bool(boot.any()):
             idx = boot.nonzero().squeeze(1)
             target = target.clone()
-            target[idx] = self.bootstrap(nets, pb.z[idx], pb.r[idx], pb.t[idx], pb.y[idx], pb.null_label).to(target.dtype)
-        pred = nets.model(pb.z, pb.r, pb.t, pb.y)
+            target[idx] = self.bootstrap(nets, pb.z[idx], pb.r[idx], pb.t[idx], y[idx], pb.null_label).to(target.dtype)
+        pred = nets.model(pb.z, pb.r, pb.t, y)
         return TargetOutput(pred, target.detach(), pb.t, pb.r)
+
+    def guided_rows(self, t: Tensor, r: Tensor) -> Tensor:
+        """The bootstrap rows that get the teacher's CFG: those of the smallest bootstrap step 2/N, or all."""
+        if self.bootstrap_cfg_rows == "all":
+            return torch.ones_like(t, dtype=torch.bool)
+        return ((t - r) * self.base_steps - 2.0).abs() < 0.5
 
     @torch.no_grad()
     def bootstrap(self, nets, z, r, t, y, null_label):
         teacher = self.teacher(nets)
+        guided = self.guided_rows(t, r) if self.bootstrap_cfg != 1.0 else torch.zeros_like(t, dtype=torch.bool)
+
+        def query(z_, r_, t_):
+            if not bool(guided.any()):
+                return teacher(z_, r_, t_, y)
+            u = torch.empty_like(z_)
+            for rows, scale in ((guided, self.bootstrap_cfg), (~guided, 1.0)):
+                if bool(rows.any()):
+                    i = rows.nonzero().squeeze(1)
+                    u[i] = cfg_combine(teacher, z_[i], r_[i], t_[i], y[i], null_label, scale).to(u.dtype)
+            return u
+
         s = 0.5 * (t + r)
-        u1 = cfg_combine(teacher, z, s, t, y, null_label, self.bootstrap_cfg)
+        u1 = query(z, s, t)
         z_s = z - _bc(t - s, z) * u1
-        u2 = cfg_combine(teacher, z_s, r, s, y, null_label, self.bootstrap_cfg)
+        if self.midpoint_clip > 0:
+            z_s = z_s.clamp(-self.midpoint_clip, self.midpoint_clip)
+        u2 = query(z_s, r, s)
         u = 0.5 * (u1 + u2)
         return u.clamp(-self.clip, self.clip) if self.clip > 0 else u
