@@ -64,7 +64,7 @@ class Stepper:
         self.data = load_data(data_spec, device=device)
         design = resolve_design(design_spec, self.data.default_backbone())
         torch.manual_seed(0)
-        self.comps = build_components(design, self.data.shape, self.data.num_classes, train_steps=100_000)
+        self.comps = build_components(design, self.data.shape, self.data.num_classes, train_steps=100_000, seed=0)
         self.model = self.comps.backbone.to(device)
         self.comps.weighting.to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -73,7 +73,9 @@ class Stepper:
                          guidance=self.comps.guidance)
         self.params = list(self.model.parameters()) + list(self.comps.weighting.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
-        self.gen = torch.Generator(device).manual_seed(0)
+        from components.compose import Streams
+
+        self.gen = Streams(0, device)  # the loop's per-step streams (their re-seeding is part of the step)
         idx = torch.randint(len(self.data.x), (batch,), generator=torch.Generator().manual_seed(0))
         self.x, self.y = self.data.x[idx.to(device)], self.data.labels[idx.to(device)]
         self.device, self.k = device, 0

@@ -28,7 +28,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {}
 def register_preset(name: str, design: dict[str, dict[str, Any]], paper: str = "",
                     train: dict[str, Any] | None = None) -> None:
     """A named design. ``train``: training settings the method's paper uses that are not components
-    (e.g. ESC's class-consistent batches); they apply where the run leaves the setting unset (null)."""
+    (e.g. ESC's class-consistent batches, ``classes_per_batch``); they apply where the run leaves the
+    setting unset (null)."""
     PRESETS[name] = {"_paper": paper, "_train": dict(train or {}), **copy.deepcopy(design)}
 
 
@@ -157,27 +158,44 @@ def _merge(base: dict | None, override: Any) -> dict | None:
     return {**base, **over}
 
 
+def init_seed(seed: int, design: Design, kind: str, data_shape: tuple, num_classes: int) -> int:
+    """The RNG seed a component of ``kind`` is built under: a hash of (seed, its name and options, the data's
+    shape and class count) only, so the same backbone starts from the same weights in every design."""
+    blob = json.dumps([int(seed), kind, design.name(kind), _jsonable(design.kwargs(kind)), list(data_shape),
+                       int(num_classes)], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "little") >> 1
+
+
 def build_components(design: Design, data_shape: tuple, num_classes: int,
-                     train_steps: int | None = None) -> Components:
+                     train_steps: int | None = None, seed: int | None = None) -> Components:
     """Instantiate every component; raise DesignError if the combination cannot work.
 
     ``train_steps`` (the run's length) is a fact for options given as a fraction of the run.
+    ``seed``: build each component under its own :func:`init_seed` (the global CPU RNG is restored
+    afterwards), so e.g. a weighting with parameters built first does not shift the backbone's
+    initial weights; None: whatever the global RNG holds, in build order.
     """
+    import torch
+
     from components.registry import BACKBONE, GUIDANCE, SCHEDULE, TARGET, TIME_SAMPLER, WEIGHTING
+
+    def seeded(kind, build, **facts):
+        if seed is None:
+            return build(design.name(kind), design.kwargs(kind), **facts)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(init_seed(seed, design, kind, data_shape, num_classes))
+            return build(design.name(kind), design.kwargs(kind), **facts)
 
     problems = []
     try:
-        schedule = SCHEDULE.build(design.name("schedule"), design.kwargs("schedule"))
+        schedule = seeded("schedule", SCHEDULE.build)
         built = dict(
             schedule=schedule,
-            time_sampler=TIME_SAMPLER.build(design.name("time_sampler"), design.kwargs("time_sampler"),
-                                            schedule=schedule, train_steps=train_steps),
-            target=TARGET.build(design.name("target"), design.kwargs("target")),
-            weighting=WEIGHTING.build(design.name("weighting"), design.kwargs("weighting"), data_shape=data_shape,
-                                      schedule=schedule),
-            backbone=BACKBONE.build(design.name("backbone"), design.kwargs("backbone"), data_shape=data_shape,
-                                    num_classes=num_classes),
-            guidance=GUIDANCE.build(design.name("guidance"), design.kwargs("guidance")),
+            time_sampler=seeded("time_sampler", TIME_SAMPLER.build, schedule=schedule, train_steps=train_steps),
+            target=seeded("target", TARGET.build, train_steps=train_steps),
+            weighting=seeded("weighting", WEIGHTING.build, data_shape=data_shape, schedule=schedule),
+            backbone=seeded("backbone", BACKBONE.build, data_shape=data_shape, num_classes=num_classes),
+            guidance=seeded("guidance", GUIDANCE.build),
         )
     except (ValueError, TypeError) as exc:
         raise DesignError([("design", f"cannot build {design.slug}: {exc}")]) from exc
@@ -193,7 +211,8 @@ def build_components(design: Design, data_shape: tuple, num_classes: int,
 # -- presets (DESIGN §3 "Methods are presets, not code paths") -------------------
 register_preset("flow_matching", {
     "schedule": {"name": "linear"},
-    "time_sampler": {"name": "logit_normal", "mean": 0.0, "std": 1.0, "fraction_r_neq_t": 0.0},
+    "time_sampler": {"name": "logit_normal", "mean": 0.0, "std": 1.0, "fraction_r_neq_t": 0.0,
+                     "r_eq_t_time": "single"},  # SD3-style flow matching: one draw of t
     "target": {"name": "flow_matching"},
     "weighting": {"name": "l2"},
     "guidance": {"name": "cfg"},
@@ -202,7 +221,9 @@ register_preset("flow_matching", {
 register_preset("scd", {
     "schedule": {"name": "linear"},
     "time_sampler": {"name": "dyadic", "base_steps": 128},
-    "target": {"name": "shortcut", "base_steps": 128, "teacher": "ema"},
+    # bootstrap CFG 1.5 on the smallest bootstrap step: the released ImageNet command (--model.bootstrap_cfg 1
+    # --model.cfg_scale 1.5); midpoint clip, guided rows and real labels on bootstrap rows are the target's defaults
+    "target": {"name": "shortcut", "base_steps": 128, "teacher": "ema"},  # bootstrap CFG = sampling scale (1)
     "weighting": {"name": "l2"},
     "guidance": {"name": "cfg"},
 }, paper="Frans, Hafner, Levine, Abbeel, One Step Diffusion via Shortcut Models, ICLR 2025")
@@ -230,7 +251,10 @@ for _name, _path in (("sct", "cosine"), ("sct_linear", "linear")):
     register_preset(_name, {
         "schedule": {"name": _path},
         "time_sampler": {"name": "lognormal_sigma", "p_mean": -1.0, "p_std": 1.4, "r_mode": "zero"},
-        "target": {"name": "consistency", "mode": "continuous", "jvp": "exact", "tangent_norm": 0.1},
+        # ESC's scm_cos_loss.py normalises the tangent (c = 0.1, per-entry RMS), scm_linear_loss.py does not;
+        # both warm up over 10k steps of their 1.2M-step run (as a fraction of ours)
+        "target": {"name": "consistency", "mode": "continuous", "jvp": "exact",
+                   "tangent_norm": 0.1 if _path == "cosine" else 0.0, "tangent_warmup": 10_000 / 1_200_000},
         "weighting": {"name": "l2"},
         "guidance": {"name": "cfg"},
     }, paper="Lu & Song, Simplifying, Stabilizing and Scaling Continuous-Time Consistency Models, ICLR 2025")
@@ -246,9 +270,9 @@ register_preset("imm", {
 register_preset("esc", {
     "schedule": {"name": "linear"},
     "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.25,
-                     "r_zero_warmup": 20000},
+                     "r_zero_warmup": 20000 / 1_200_000},  # ESC's 20k of a 1.2M-step run, as a fraction
     "target": {"name": "meanflow", "jvp": "exact", "velocity": "plugin", "plugin_prob": 0.5},
     "weighting": {"name": "learned_logvar", "base": "adaptive", "p": 1.0},
     "guidance": {"name": "meanflow_cfg", "omega": 1.0, "kappa": 0.5},
 }, paper="Lin, Hu et al., On the Design of One-step Diffusion via Shortcutting Flow Paths, ICLR 2026",
-   train={"class_consistent": True})
+   train={"classes_per_batch": 8})  # the reference: a same-class batch per GPU, on 8 GPUs

@@ -7,6 +7,9 @@
   ``fid_statistics_to_metric``, ``kid_features_to_metric``, ``prc_features_to_metric``.
 - Every result carries its provenance (extractor, sample counts, reference);
   :func:`check_comparable` refuses to compare results whose provenance differs.
+- Every FID carries its own sampling standard error ``fid_se/nfe_N``
+  (:func:`fid_standard_error`, ``eval.fid_se``): how much the number would move
+  with another draw of the generated samples, against the same reference.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from ablate.features import Extractor, build_extractor, cache_root, digest
 from ablate.vae import to_images
 
 METRICS = ("fid", "kid", "prc")
+FID_SE = ("bootstrap", "none")  # eval.fid_se
 CHUNK = 1000  # images decoded and featurised at once
 PREPROCESS = {"uint8": "images quantised to uint8 (as PNG)", "float": "raw float coordinates"}
 
@@ -79,11 +83,42 @@ def reference(data, extractor: Extractor, split: str = "train", count: int = 0, 
     return Reference(feats, stats, prov, cache_hit=False)
 
 
-def metrics_from_features(feats: Tensor, ref: Reference, metrics=("fid",), seed: int = 0) -> dict[str, float]:
-    """{"fid": ..., "kid": ..., "precision": ..., "recall": ...} of generated features against the reference."""
+def fid_standard_error(feats: Tensor, ref_stats: dict, reps: int = 20, seed: int = 0) -> float:
+    """Bootstrap standard error of the FID of ``feats`` against fixed reference statistics.
+
+    ``reps`` times: resample the n generated feature vectors with replacement (a generator
+    seeded with ``seed``: deterministic), recompute the FID with torch-fidelity's own
+    ``fid_features_to_statistics`` / ``fid_statistics_to_metric``; the SE is the standard
+    deviation (ddof 1) of the replicates. It measures the generated set's sampling noise
+    only (the reference is fixed and shared by every design), and shrinks like 1/√n while
+    the generated and reference distributions differ. Cost: ``reps`` extra FID computations,
+    i.e. ``reps`` × (an n×D covariance + a D×D eigen-decomposition). Measured on one CPU
+    thread with n = 1000: digits classifier (D = 64) 1.0 ms per FID, 29 ms with the 20
+    replicates (≈ 85 ms per evaluation at 3 NFEs, ~1–2 % of it); Inception (D = 2048)
+    ≈ 3.4 s per replicate, so ≈ 70 s per NFE at 20 replicates: lower ``eval.fid_se_reps``
+    or set ``eval.fid_se: none`` there.
+    """
+    if reps < 2:
+        raise EvalError(f"eval.fid_se_reps must be ≥ 2, got {reps}")
+    n = len(feats)
+    g = torch.Generator().manual_seed(int(seed))
+    vals = np.empty(reps)
+    for i in range(reps):
+        idx = torch.randint(n, (n,), generator=g)
+        stats = fid_features_to_statistics(feats[idx])
+        vals[i] = fid_statistics_to_metric(stats, ref_stats, verbose=False)[KEY_METRIC_FID]
+    return float(vals.std(ddof=1))
+
+
+def metrics_from_features(feats: Tensor, ref: Reference, metrics=("fid",), seed: int = 0, fid_se: str = "none",
+                          fid_se_reps: int = 20) -> dict[str, float]:
+    """{"fid": ..., "kid": ..., "precision": ..., "recall": ...} of generated features against the reference,
+    plus "fid_se" (:func:`fid_standard_error`) with ``fid_se="bootstrap"``."""
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise EvalError(f"unknown metric(s) {sorted(unknown)}; valid: {', '.join(METRICS)}")
+    if fid_se not in FID_SE:
+        raise EvalError(f"eval.fid_se must be one of {', '.join(FID_SE)}, got {fid_se!r}")
     if feats.shape[1] != ref.features.shape[1]:
         raise EvalError(f"feature sizes differ ({feats.shape[1]} vs reference {ref.features.shape[1]})")
     out = {}
@@ -91,6 +126,8 @@ def metrics_from_features(feats: Tensor, ref: Reference, metrics=("fid",), seed:
     if "fid" in metrics:
         stats = fid_features_to_statistics(feats)
         out["fid"] = fid_statistics_to_metric(stats, ref.stats, verbose=False)[KEY_METRIC_FID]
+        if fid_se == "bootstrap":
+            out["fid_se"] = fid_standard_error(feats, ref.stats, fid_se_reps, seed)
     if "kid" in metrics:
         size = min(1000, len(feats), len(ref.features))
         out["kid"] = kid_features_to_metric(feats, ref.features, kid_subset_size=size, rng_seed=seed,
@@ -124,6 +161,12 @@ class Evaluator:
         self.num = int(ecfg.num_samples)
         if self.num < 2:
             raise EvalError(f"eval.num_samples must be ≥ 2, got {self.num}")
+        self.fid_se = str(ecfg.get("fid_se", "bootstrap") or "none")  # older run configs lack the key
+        self.fid_se_reps = int(ecfg.get("fid_se_reps", 20))
+        if self.fid_se not in FID_SE:
+            raise EvalError(f"eval.fid_se must be one of {', '.join(FID_SE)}, got {self.fid_se!r}")
+        if self.fid_se == "bootstrap" and self.fid_se_reps < 2:
+            raise EvalError(f"eval.fid_se_reps must be ≥ 2, got {self.fid_se_reps}")
         spec = ecfg.extractor
         spec = spec if isinstance(spec, str) else dict(spec)
         self.extractor = build_extractor(spec, run.data, cache_dir or ecfg.get("cache_dir"))
@@ -137,7 +180,8 @@ class Evaluator:
                 "extractor_detail": json.dumps(self.extractor.provenance, sort_keys=True),
                 "num_samples": self.num, "reference": self.ref.label, "reference_count": self.ref.provenance["count"],
                 "preprocess": PREPROCESS[self.extractor.input], "seed": int(self.cfg.seed),
-                "weights": "ema" if self.cfg.use_ema else "raw"}
+                "weights": "ema" if self.cfg.use_ema else "raw",
+                "fid_se": f"bootstrap x{self.fid_se_reps}" if self.fid_se == "bootstrap" else "none"}
 
     def model(self):
         run = self.run
@@ -160,12 +204,13 @@ class Evaluator:
         return torch.cat(list(self.batches(nfe)))
 
     def __call__(self, step: int, grid_dir: Path | None = None) -> dict[str, float]:
-        """{"fid/nfe_N": ..., ...} at every NFE (plus kid/precision/recall if asked)."""
+        """{"fid/nfe_N": ..., "fid_se/nfe_N": ..., ...} at every NFE (plus kid/precision/recall if asked)."""
         from ablate.images import save_samples
 
         t0 = time.perf_counter()
         out = {}
-        names = {"fid": ["fid"], "kid": ["kid"], "prc": ["precision", "recall"]}
+        names = {"fid": ["fid"] + (["fid_se"] if self.fid_se != "none" else []), "kid": ["kid"],
+                 "prc": ["precision", "recall"]}
         for nfe in self.nfe:
             feats, first, finite = [], None, True
             for x in self.batches(nfe):  # decode and featurise batch by batch (latents may be large decoded)
@@ -179,7 +224,8 @@ class Evaluator:
                 out.update({f"{n}/nfe_{nfe}": float("nan") for m in self.metrics for n in names[m]})
                 continue
             feats = torch.cat(feats)
-            for name, val in metrics_from_features(feats, self.ref, self.metrics, int(self.cfg.seed)).items():
+            for name, val in metrics_from_features(feats, self.ref, self.metrics, int(self.cfg.seed), self.fid_se,
+                                                   self.fid_se_reps).items():
                 out[f"{name}/nfe_{nfe}"] = float(val)
             if grid_dir is not None:
                 vis = first[:64] if first.dim() > 2 else first[:2000]

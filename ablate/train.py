@@ -27,7 +27,7 @@ from ablate.data import Data, load_data, make_loader
 from ablate.design import Design, build_components, preset_train_setting, resolve_design
 from ablate.images import save_samples
 from ablate.reporting import LocalReporter, MultiReporter, Reporter
-from components.compose import Components, sample, sampling_mode, training_loss
+from components.compose import Components, Streams, sample, sampling_mode, training_loss
 from components.targets.base import Nets
 
 
@@ -94,13 +94,16 @@ def setup(cfg: DictConfig) -> Run:
     device = pick_device(cfg.train.device)
     data = load_data(OmegaConf.to_container(cfg.data, resolve=True), device=device)
     design = resolve_design(OmegaConf.to_container(cfg.design, resolve=True), data.default_backbone())
-    if cfg.train.class_consistent and data.num_classes == 0:
-        raise ValueError(f"train.class_consistent needs a labelled dataset; '{data.name}' has no labels")
-    if cfg.train.class_consistent is None:  # the preset's recommendation, where the data has classes
-        cfg.train.class_consistent = bool(preset_train_setting(design.preset, "class_consistent", False)
-                                          and data.num_classes > 0)
-    torch.manual_seed(int(cfg.train.seed))  # parameter initialisation
-    comps = build_components(design, data.shape, data.num_classes, train_steps=int(cfg.train.steps))
+    from ablate.data import ResidentLoader
+
+    tc = cfg.train
+    if tc.classes_per_batch is None:  # the preset's recommendation (esc: 8 groups), where the data has classes
+        tc.classes_per_batch = preset_train_setting(design.preset, "classes_per_batch", 0) if data.num_classes else 0
+    ResidentLoader.check_classes_per_batch(tc.classes_per_batch, int(tc.batch_size), data)  # before building
+    ddp.local_classes_per_batch(tc.classes_per_batch, ddp.world_size(cfg))  # whole groups on every rank
+    torch.manual_seed(int(cfg.train.seed))  # anything else on the global RNG; parameters are seeded per component
+    comps = build_components(design, data.shape, data.num_classes, train_steps=int(cfg.train.steps),
+                             seed=int(cfg.train.seed))  # backbone init: f(seed, backbone spec, data shape) only
     model = comps.backbone.to(device)
     comps.weighting.to(device)
     rates = {float(cfg.train.ema)}
@@ -171,10 +174,10 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     params = list(run.model.parameters()) + list(run.comps.weighting.parameters())
     opt = _optimizer(cfg, params, run.device)
-    gen = torch.Generator(run.device).manual_seed(int(tc.seed) + 1 + ddp.seed_offset(rank))  # DDP: own noise
+    streams = Streams(int(tc.seed), run.device, rank=rank)  # noise: per (seed, rank, step, stream); DDP: own noise
     data_gen = torch.Generator().manual_seed(int(tc.seed) + 2 + ddp.seed_offset(rank))  # DDP: own data
     loader = make_loader(run.data, ddp.local_batch_size(int(tc.batch_size), ws), data_gen,  # DDP: B/N rows
-                         bool(tc.class_consistent))
+                         ddp.local_classes_per_batch(tc.classes_per_batch, ws))  # DDP: k/N same-class groups
     ckpt_path = out / "checkpoint.pt"
     resume_step = None
     if resume and ckpt_path.exists():
@@ -187,13 +190,12 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
         for rate, sd in state["emas"].items():
             run.emas[float(rate)].load_state_dict(sd)
         opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["gen"].to(gen.get_state().device) if run.device.type == "cpu" else state["gen"].cpu())
         data_gen.set_state(state["data_gen"].cpu())
         run.step = resume_step = int(state["step"])
-    if ws > 1:  # DDP hook: rank 0's weights everywhere; ranks > 0 reseed (the checkpoint holds rank 0's streams)
+    if ws > 1:  # DDP hook: rank 0's weights everywhere; ranks > 0 reseed (the checkpoint holds rank 0's data stream)
         ddp.broadcast_modules(run.model, run.comps.weighting, *run.emas.values())
         if rank and resume_step is not None:
-            ddp.reseed([gen, data_gen], int(tc.seed), resume_step)
+            ddp.reseed([data_gen], int(tc.seed), resume_step)
     local = LocalReporter(out, resume_step) if main else None
     rep = MultiReporter(reporter, local)  # the tracker first: a record it lacks is never marked done locally
     rep.artifact(out / "design.json", "config")
@@ -224,7 +226,7 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
             "config_yaml": OmegaConf.to_yaml(cfg), "model": run.model.state_dict(),
             "weighting": run.comps.weighting.state_dict(),
             "emas": {str(k): v.state_dict() for k, v in run.emas.items()},
-            "optimizer": opt.state_dict(), "gen": gen.get_state(), "data_gen": data_gen.get_state()})
+            "optimizer": opt.state_dict(), "data_gen": data_gen.get_state()})  # noise streams: stateless per step
         rep.checkpoint(ckpt_path, run.step)
 
     every = int(cfg.eval.every) if evaluator is not None else 0
@@ -245,7 +247,7 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
             x, labels = loader.next()
             with run.autocast():
                 loss, _, tout = training_loss(run.comps, nets, x, labels, null_label=run.data.null_label,
-                                           generator=gen, step=run.step)
+                                           generator=streams, step=run.step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if ws > 1:  # DDP hook: mean gradient over the ranks = gradient of the global batch's mean loss

@@ -3,9 +3,19 @@
 Order: sample (t, r) → noise the data with the schedule → the target returns
 prediction and stop-gradient target → the weighting gives per-sample losses
 → one mean. Every random draw comes from the explicit ``generator``.
+
+Paired comparisons (DESIGN §3 "Composition", §5): the training loop passes a
+:class:`Streams`, one generator per source of randomness (``time``, ``noise``,
+``labels``, ``target``), each re-seeded at every step from a hash of
+(seed, rank, step, stream). A design that draws more numbers from one source
+(an r = 0 warm start, a plug-in velocity mask) therefore never shifts another:
+two designs with the same seed see the same ε, the same label-dropout mask
+and the same uniform/normal draws behind their times at every step, and a
+resumed run needs no generator state to continue bit for bit.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +40,78 @@ class Components:
                     weighting=self.weighting, backbone=self.backbone, guidance=self.guidance)
 
 
+#: The sources of randomness of one training step, each its own stream (see :class:`Streams`).
+STREAMS = ("time", "noise", "labels", "target")
+
+
+def stream_seed(seed: int, step: int, stream: str, rank: int = 0) -> int:
+    """The seed of ``stream`` at ``step``: a hash of (seed, rank, step, stream), 63 bits."""
+    key = f"ablate-stream/{int(seed)}/{int(rank)}/{int(step)}/{stream}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+class Streams:
+    """One ``torch.Generator`` per source of randomness of a training step (:data:`STREAMS`).
+
+    ``at(step)`` re-seeds every stream from :func:`stream_seed` (no new
+    generators: a hash and ``manual_seed`` per stream, on any device, no host
+    sync), so the draws of step k depend on (seed, rank, k) only — not on the
+    design, nor on what earlier steps drew. ``rank``: the data-parallel rank
+    (each rank its own noise). :func:`training_loss` calls ``at(step)`` itself.
+    """
+
+    def __init__(self, seed: int, device="cpu", rank: int = 0):
+        self.seed, self.rank, self.device = int(seed), int(rank), torch.device(device)
+        self.generators = {name: torch.Generator(self.device) for name in STREAMS}
+        self.step: int | None = None
+
+    def at(self, step: int) -> "Streams":
+        self.step = int(step)
+        for name, g in self.generators.items():
+            g.manual_seed(stream_seed(self.seed, self.step, name, self.rank))
+        return self
+
+    @property
+    def time(self) -> torch.Generator:  # the time sampler's draws
+        return self.generators["time"]
+
+    @property
+    def noise(self) -> torch.Generator:  # ε
+        return self.generators["noise"]
+
+    @property
+    def labels(self) -> torch.Generator:  # label dropout
+        return self.generators["labels"]
+
+    @property
+    def target(self) -> torch.Generator:  # the target's own draws (plug-in mask, …), Problem.generator
+        return self.generators["target"]
+
+
+def _route(generator, step: int) -> tuple:
+    """(time, noise, labels, target) generators: a :class:`Streams` re-seeded at ``step``, or one plain
+    generator (or None) shared by all four in sequence (unit tests and oracles that pass one generator)."""
+    if isinstance(generator, Streams):
+        s = generator.at(step)
+        return s.time, s.noise, s.labels, s.target
+    return generator, generator, generator, generator
+
+
 def training_loss(c: Components, nets: Nets, x: Tensor, labels: Tensor, *, null_label: int,
-                  generator: torch.Generator | None = None, step: int = 0) -> tuple[Tensor, Tensor, TargetOutput]:
-    """(mean loss, per-sample loss (B,), target output) for one batch x (B, ...) with labels (B,)."""
-    t, r = c.time_sampler(x.shape[0], step=step, generator=generator, device=x.device)
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                  generator: Streams | torch.Generator | None = None,
+                  step: int = 0) -> tuple[Tensor, Tensor, TargetOutput]:
+    """(mean loss, per-sample loss (B,), target output) for one batch x (B, ...) with labels (B,).
+
+    ``generator``: a :class:`Streams` (the training loop; one call per step: the streams are re-seeded
+    for ``step`` here) or a single generator that every draw shares in order.
+    """
+    g_time, g_noise, g_labels, g_target = _route(generator, step)
+    t, r = c.time_sampler(x.shape[0], step=step, generator=g_time, device=x.device)
+    eps = torch.randn(x.shape, generator=g_noise, device=x.device, dtype=x.dtype)
     z = c.schedule.noise(x, eps, t)
-    y = c.guidance.drop_labels(labels, null_label, generator)
+    y = c.guidance.drop_labels(labels, null_label, g_labels)
     pb = Problem(x=x, eps=eps, t=t, r=r, z=z, labels=labels, y=y, null_label=null_label,
-                 schedule=c.schedule, generator=generator, step=step, time_sampler=c.time_sampler)
+                 schedule=c.schedule, generator=g_target, step=step, time_sampler=c.time_sampler)
     out = c.target(nets, pb)
     per_sample = c.weighting(out)
     return per_sample.mean(), per_sample, out

@@ -311,11 +311,14 @@ def test_training_evaluates_and_flow_matching_needs_many_steps(fm_runs):
     trained, untrained = _evals(fm_runs / "trained"), _evals(fm_runs / "untrained")
     assert [e["step"] for e in trained] == [100, 200, 300] and [e["step"] for e in untrained] == [0]
     for e in trained + untrained:
-        assert set(e["values"]) == {f"fid/nfe_{n}" for n in EVAL_NFE} | {"time/eval_s"}
+        assert set(e["values"]) == ({f"fid/nfe_{n}" for n in EVAL_NFE} | {f"fid_se/nfe_{n}" for n in EVAL_NFE}
+                                    | {"time/eval_s"})  # every FID with its sampling SE next to it
         assert all(math.isfinite(v) for v in e["values"].values())
+        assert all(e["values"][f"fid_se/nfe_{n}"] > 0 for n in EVAL_NFE)
     params = json.loads((fm_runs / "trained" / "params.json").read_text())
     assert params["fid.extractor"] == "raw" and params["fid.num_samples"] == 2000
     assert params["fid.reference_count"] == 16000
+    assert params["fid.fid_se"] == "bootstrap x20"
 
     last, init = trained[-1]["values"], untrained[-1]["values"]
     # the untrained (zero-output) model samples the noise itself, whatever the step count
@@ -323,6 +326,104 @@ def test_training_evaluates_and_flow_matching_needs_many_steps(fm_runs):
     assert last["fid/nfe_32"] < 0.1 * init["fid/nfe_32"], (last, init)  # training helps at its budget
     assert last["fid/nfe_1"] > 5 * last["fid/nfe_32"], last  # one flow-matching step is far worse
     assert last["fid/nfe_1"] > last["fid/nfe_4"] > last["fid/nfe_32"], last
+
+
+# -- 7b. FID's own sampling error ----------------------------------------------------------------------------
+SE_DIM = 6
+
+
+def _gaussian_ref() -> "Reference":
+    """A reference with exact statistics N(0, I): only the generated set is random."""
+    from ablate.evaluation import Reference
+
+    stats = {"mu": np.zeros(SE_DIM, dtype=np.float32), "sigma": np.eye(SE_DIM)}
+    return Reference(torch.zeros(2, SE_DIM), stats, {}, cache_hit=False)
+
+
+def _gaussian_feats(n: int, seed: int) -> torch.Tensor:
+    """n features from N(δ, diag(s²)), a distribution that differs from the reference (δ ≠ 0, s ≠ 1)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.7, 1.3, SE_DIM)
+    return 0.4 + scale * torch.randn(n, SE_DIM, generator=g)
+
+
+def test_fid_se_matches_the_true_sampling_spread_and_shrinks_like_one_over_root_n():
+    from ablate.evaluation import fid_standard_error
+
+    ref = _gaussian_ref()
+    fid = lambda f: metrics_from_features(f, ref)["fid"]  # noqa: E731
+    for n in (400, 1600):  # the bootstrap SE against the spread of FID over 200 independent generated sets
+        true_sd = float(np.std([fid(_gaussian_feats(n, 1000 + k)) for k in range(200)], ddof=1))
+        se = np.mean([fid_standard_error(_gaussian_feats(n, k), ref.stats, reps=20, seed=k) for k in range(5)])
+        assert 0.7 * true_sd < se < 1.4 * true_sd, (n, se, true_sd)
+    small = [metrics_from_features(_gaussian_feats(400, k), ref, fid_se="bootstrap")["fid_se"] for k in range(5)]
+    large = [metrics_from_features(_gaussian_feats(1600, k), ref, fid_se="bootstrap")["fid_se"] for k in range(5)]
+    ratio = np.mean(small) / np.mean(large)
+    assert 1.5 < ratio < 2.7, ratio  # 4x the samples: about half the SE (1/√n)
+    assert min(small) > 0 and min(large) > 0
+
+
+def test_fid_se_is_deterministic_and_absent_when_off():
+    ref, feats = _gaussian_ref(), _gaussian_feats(500, 0)
+    on = metrics_from_features(feats, ref, fid_se="bootstrap", seed=3)
+    assert on == metrics_from_features(feats, ref, fid_se="bootstrap", seed=3)  # bit-identical
+    other = metrics_from_features(feats, ref, fid_se="bootstrap", seed=4)["fid_se"]
+    assert other != on["fid_se"] and other == pytest.approx(on["fid_se"], rel=0.6)  # another resampling
+    assert on["fid"] == metrics_from_features(feats, ref)["fid"]  # the point estimate is untouched
+    assert set(metrics_from_features(feats, ref)) == {"fid"}  # default and "none": no SE
+    assert set(metrics_from_features(feats, ref, fid_se="none")) == {"fid"}
+    assert "fid_se" not in metrics_from_features(feats, ref, ("kid",), fid_se="bootstrap")  # no FID, no SE
+    with pytest.raises(EvalError, match="fid_se"):
+        metrics_from_features(feats, ref, fid_se="jackknife")
+    with pytest.raises(EvalError, match="fid_se_reps"):
+        metrics_from_features(feats, ref, fid_se="bootstrap", fid_se_reps=1)
+
+
+def test_evaluator_records_fid_se_next_to_fid_unless_off(tmp_path):
+    from ablate.train import setup
+
+    cfg, _ = compose("flow_matching", [*TOY, "design.guidance=none", f"train.out_dir={tmp_path / 'run'}",
+                                       "design.backbone.width=16", "design.backbone.depth=1", "eval.nfe=[1,2]",
+                                       "eval.num_samples=300", f"eval.cache_dir={tmp_path / 'cache'}",
+                                       "eval.grids=false", "eval.fid_se_reps=10"])
+    run = setup(cfg)
+    on = Evaluator(run, cfg.eval)(0)
+    assert set(on) == {"fid/nfe_1", "fid/nfe_2", "fid_se/nfe_1", "fid_se/nfe_2", "time/eval_s"}
+    assert all(0 < on[f"fid_se/nfe_{n}"] < on[f"fid/nfe_{n}"] for n in (1, 2))
+    again = Evaluator(run, cfg.eval)(0)
+    assert {k: v for k, v in again.items() if k != "time/eval_s"} == {k: v for k, v in on.items()
+                                                                      if k != "time/eval_s"}
+    ec = cfg.eval.copy()
+    ec.fid_se = "none"
+    off = Evaluator(run, ec)
+    assert off.provenance["fid_se"] == "none"
+    values = off(0)
+    assert set(values) == {"fid/nfe_1", "fid/nfe_2", "time/eval_s"}
+    assert values["fid/nfe_1"] == on["fid/nfe_1"]
+    ec.fid_se = "bogus"
+    with pytest.raises(EvalError, match="eval.fid_se"):
+        Evaluator(run, ec)
+
+
+def test_fid_se_reaches_metrics_jsonl_and_mlflow(tmp_path):
+    pytest.importorskip("mlflow")
+    from ablate.tracking import MlflowReporter, client
+    from ablate.train import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl = client(uri)
+    run_id = cl.create_run(cl.create_experiment("fid_se")).info.run_id
+    cfg, _ = compose("flow_matching", [*TOY, "design.guidance=none", f"train.out_dir={tmp_path / 'run'}",
+                                       "design.backbone.width=16", "design.backbone.depth=1", "train.steps=2",
+                                       "train.ckpt_every=0", "eval.every=0", "eval.at_end=true", "eval.nfe=[1]",
+                                       "eval.num_samples=200", f"eval.cache_dir={tmp_path / 'cache'}",
+                                       "eval.grids=false", "sample.nfe=[]"])
+    train(cfg, reporter=MlflowReporter(uri, run_id), progress=False)
+    local = _evals(tmp_path / "run")[-1]["values"]
+    assert local["fid_se/nfe_1"] > 0
+    hist = cl.get_metric_history(run_id, "fid_se/nfe_1")
+    assert [(m.step, m.value) for m in hist] == [(2, pytest.approx(local["fid_se/nfe_1"]))]
+    assert cl.get_run(run_id).data.params["fid.fid_se"] == "bootstrap x20"
 
 
 # -- 8. the evaluate CLI -----------------------------------------------------------------------------------
@@ -344,6 +445,7 @@ def test_evaluate_cli_reproduces_the_last_logged_fid(fm_runs, tmp_path, capsys, 
     assert res["step"] == 300
     for n in (1, 32):
         assert res["metrics"][f"fid/nfe_{n}"] == pytest.approx(logged[f"fid/nfe_{n}"], abs=1e-6)
+        assert res["metrics"][f"fid_se/nfe_{n}"] == pytest.approx(logged[f"fid_se/nfe_{n}"], abs=1e-6)
     assert "fid/nfe_4" not in res["metrics"]
     params = json.loads((run_dir / "params.json").read_text())
     check_comparable([res["provenance"], {k[len("fid."):]: v for k, v in params.items() if k.startswith("fid.")}])
