@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -320,26 +321,356 @@ def compare(trials: pd.DataFrame, a: str, b: str, objective: str, by: str = "des
     return paired(per_seed(ga, col, se_col), per_seed(gb, col, se_col), _log_scale(trials, col))
 
 
-def main_effects(trials: pd.DataFrame, objective: str) -> pd.DataFrame:
-    """Per design kind and choice: mean and 95 % interval of the objective over every finished trial with it."""
-    col = objective if objective in trials else f"final/{objective}"
-    ok = trials[trials["status"] == "FINISHED"]
-    grand = ok[col].mean()
-    rows = []
-    for kind in DESIGN_KINDS:
-        key = f"design.{kind}.name"
-        if key not in ok or ok[key].nunique() < 2:
+# -- the design's structure: which factors a study varies independently ------------------------------
+# A factor is a ``design.<kind>.name`` column, a searched kwarg ``design.<kind>.<kwarg>`` or a searched
+# ``train.*`` setting. Factors whose levels never vary independently over the trials (one determines the
+# other: joint level sets in one-to-one correspondence with the finer one's) form one factor; options of a
+# component that exist only for one of its choices are nested under that choice. Main effects, importance,
+# interactions and the design labels are all computed over this one factor set.
+WORDS = {"time_sampler": "time sampler"}  # how a kind is written for people
+LEAD_ORDER = ("target", "weighting", "guidance", "time_sampler", "schedule", "backbone")  # how a group is named
+CONTINUOUS = 5  # a numeric factor with more distinct values than this is continuous (binned for main effects)
+NA = "—"  # the level of a kwarg where its component has no such option
+
+
+def _fmt(v) -> str:
+    if v is None or (not isinstance(v, str) and pd.isna(v)):
+        return NA
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):g}"
+    return str(v)
+
+
+def _word(col: str) -> str:
+    """design.time_sampler.name -> 'time sampler'; design.target.jvp -> 'target.jvp'; train.lr stays."""
+    parts = col.split(".")
+    if col.startswith("design.") and len(parts) == 3:
+        return WORDS.get(parts[1], parts[1]) if parts[2] == "name" else f"{parts[1]}.{parts[2]}"
+    return col
+
+
+def _rank_key(col: str) -> tuple:
+    parts = col.split(".")
+    if col.startswith("design.") and len(parts) == 3:
+        kind = LEAD_ORDER.index(parts[1]) if parts[1] in LEAD_ORDER else len(LEAD_ORDER)
+        return (0 if parts[2] == "name" else 1, kind, col)
+    return (2, 0, col)
+
+
+@dataclass
+class Factor:
+    """One independent factor of a study: a column, or a group of columns that always change together."""
+
+    columns: list[str]  # the lead (most levels) first
+    levels: pd.Series  # per trial (the trials' index): the level's label
+    continuous: bool = False  # numeric with many values: ``values`` holds them, ``levels`` their tertiles
+    values: pd.Series | None = None
+    preset: bool = False  # a group whose levels are the study's presets (labelled by preset name)
+
+    @property
+    def key(self) -> str:
+        return self.columns[0]
+
+    @property
+    def name(self) -> str:
+        """The lead's name: 'target', 'schedule', 'target.jvp', 'train.lr'."""
+        return _word(self.columns[0])
+
+    @property
+    def members(self) -> list[str]:
+        """The members as people read them: components by name, an option only where its component is not."""
+        kinds = {c.split(".")[1] for c in self.columns if c.startswith("design.") and c.endswith(".name")}
+        return list(dict.fromkeys(_word(c) for c in self.columns
+                                  if not (c.startswith("design.") and c.count(".") == 2 and not c.endswith(".name")
+                                          and c.split(".")[1] in kinds)))
+
+    @property
+    def aliased(self) -> list[str]:
+        """The members that change with the lead (empty for a factor of its own)."""
+        return self.members[1:]
+
+    @property
+    def label(self) -> str:
+        return " + ".join(self.members)
+
+    @property
+    def short(self) -> str:
+        """'preset' for a group whose levels are the presets, else the label."""
+        return "preset" if self.preset and len(self.columns) > 1 else self.label
+
+    @property
+    def caption(self) -> str:
+        if len(self.columns) == 1:
+            return self.label
+        return self.label + (", varied together as the preset" if self.preset else ", varied together")
+
+    @property
+    def choices(self) -> list[str]:
+        if self.continuous:  # tertiles, low to high
+            return list(dict.fromkeys(self.levels[self.values.sort_values().index]))
+        return list(dict.fromkeys(self.levels))
+
+    def __repr__(self) -> str:
+        return f"Factor({self.caption!r}: {', '.join(self.choices)})"
+
+
+@dataclass
+class Structure:
+    """What a study's trial set varies: its independent factors, which pairs are crossed, nested options."""
+
+    factors: list[Factor]
+    crossed: list[tuple[Factor, Factor]]  # both vary and every combination of levels occurs
+    partial: list[tuple[Factor, Factor]]  # neither aliased nor crossed: some combinations never occur
+    nested: pd.DataFrame  # column, component, choice, option, values, varies, note
+    n_trials: int = 0
+    n_designs: int = 0
+
+    def factor(self, key: str) -> Factor | None:
+        return next((f for f in self.factors if key in f.columns or key in (f.label, f.name, f.short)), None)
+
+    @property
+    def aliased(self) -> list[Factor]:
+        return [f for f in self.factors if len(f.columns) > 1]
+
+    def lines(self) -> list[str]:
+        """What the study can and cannot separate, in words (the dry run prints these)."""
+        out = [f"what this design can separate ({self.n_designs} designs, {self.n_trials} trials):"]
+        if not self.factors:
+            return out + ["  nothing varies between the trials: a single design (its seeds are repeats)"]
+        for f in self.factors:
+            what = (f"continuous, {f.values.min():.3g} to {f.values.max():.3g}" if f.continuous
+                    else ", ".join(f.choices))
+            out.append(f"  factor {f.caption}: {what}")
+        for f in self.aliased:
+            out.append(f"  cannot separate {f.name} from {', '.join(f.aliased)}: they always change together, "
+                       "so they have one effect" + (" (the preset's)" if f.preset else ""))
+        for a, b in self.crossed:
+            out.append(f"  can separate {a.short} from {b.short} and their interaction (every combination occurs)")
+        for a, b in self.partial:
+            out.append(f"  {a.short} and {b.short}: not crossed (some combinations never occur): their effects "
+                       f"are partly confounded, no interaction")
+        if len(self.factors) == 1 and not self.factors[0].continuous:
+            out.append(f"  one factor: the ranking compares its {len(self.factors[0].choices)} levels, "
+                       f"no interactions")
+        if len(self.nested):
+            out.append("  nested options (exist only for one choice of their component; not ranked):")
+        for (kind, choice), g in self.nested.groupby(["component", "choice"], sort=False):
+            words = [f"{r.option} ({r.values}: {r.note})" if r.varies else r.option for r in g.itertuples()]
+            out.append(f"    {WORDS.get(kind, kind)}={choice}: {', '.join(words)}")
+        return out
+
+
+def _codes(levels: pd.Series) -> np.ndarray:
+    return pd.factorize(levels.astype(object), use_na_sentinel=False)[0]
+
+
+def _determines(a: np.ndarray, b: np.ndarray) -> bool:
+    """Each level of a goes with one level of b."""
+    return bool(pd.Series(b).groupby(a).nunique().max() <= 1)
+
+
+def _crossed(a: np.ndarray, b: np.ndarray) -> bool:
+    na, nb = len(set(a)), len(set(b))
+    return na > 1 and nb > 1 and len(set(zip(a.tolist(), b.tolist()))) == na * nb
+
+
+def _presets_of(t: pd.DataFrame) -> pd.Series:
+    """Per trial: the preset it was recorded as (tag/param ``preset``), else matched by its slug; NaN if none."""
+    out = pd.Series(np.nan, index=t.index, dtype=object)
+    for col in ("preset", "design.preset"):
+        if col in t:
+            v = t[col].astype(object).where(t[col].notna(), None)
+            v = v.map(lambda x: x if isinstance(x, str) and x else np.nan)
+            out = out.where(out.notna(), v)
+    if out.notna().any() or "slug" not in t or "design" not in t:
+        return out
+    try:  # older runs without a preset tag: match the slug against each preset's (dashboards.paper)
+        from dashboards.paper import presets
+
+        by_design = presets(t)
+        return t["design"].map(by_design).where(lambda s: s.notna(), np.nan)
+    except Exception:  # noqa: BLE001 - no presets known here: the groups are labelled by their lead
+        return out
+
+
+def design_structure(trials: pd.DataFrame) -> Structure:
+    """The study's factors from its trial set (every status: the design as planned).
+
+    Candidates: ``design.<kind>.name`` columns that vary, kwargs ``design.<kind>.<kwarg>`` whose values vary
+    where present, ``train.*`` settings that vary. A kwarg present only where its component's name has one
+    value (MeanFlow's ``jvp``) is *nested* under that choice, not a factor. Two categorical candidates where
+    one determines the other (every level of one goes with a single level of the other: their joint levels
+    are one-to-one with the finer one's) are aliased and become one factor, named by the member with the
+    most levels (target before schedule, weighting, guidance, time sampler); two candidates that are crossed
+    are never merged. A group whose levels are the study's presets is labelled by preset name; a study of
+    whole designs (every design one preset, unchanged: ``search.grid.design: [{preset: …}, …]``) has one
+    design factor, the preset.
+    """
+    t = trials
+    cand: dict[str, pd.Series] = {}
+    nested = []
+    for c in t.columns:
+        parts = c.split(".")
+        if c.startswith("design.") and len(parts) == 3:
+            kind, kw = parts[1], parts[2]
+            col = t[c].astype(object).where(t[c].notna(), None)
+            present = t[c].notna()
+            if kw == "name":
+                if col.map(_fmt).nunique() > 1:
+                    cand[c] = col
+                continue
+            if not present.any():
+                continue
+            vals = col[present]
+            parent = f"design.{kind}.name"
+            if not present.all() and parent in t and t.loc[present, parent].nunique(dropna=False) == 1:
+                nested.append({"column": c, "component": kind, "choice": _fmt(t.loc[present, parent].iloc[0]),
+                               "option": kw, "values": ", ".join(dict.fromkeys(vals.map(_fmt))),
+                               "varies": vals.map(_fmt).nunique() > 1, "note": "fixed"})
+                continue
+            if vals.map(_fmt).nunique() > 1:
+                cand[c] = col
+        elif c.startswith("train.") and c not in ("train.seed", "train.out_dir"):
+            if t[c].dropna().map(_fmt).nunique() > 1:
+                cand[c] = t[c].astype(object).where(t[c].notna(), None)
+    numeric = {c: pd.to_numeric(v, errors="coerce") for c, v in cand.items()}
+    continuous = {c for c, v in numeric.items() if v.notna().all() and v.nunique() > CONTINUOUS}
+    cats = sorted((c for c in cand if c not in continuous),
+                  key=lambda c: (-cand[c].map(_fmt).nunique(), _rank_key(c)))
+    codes = {c: _codes(cand[c].map(_fmt)) for c in cats}
+    group = {c: [c] for c in cats}  # union of aliased candidates (finest first)
+    for a in cats:
+        for b in cats:
+            ga, gb = group[a], group[b]
+            if ga is gb or not (_determines(codes[a], codes[b]) or _determines(codes[b], codes[a])):
+                continue
+            if any(_crossed(codes[x], codes[y]) for x in ga for y in gb):
+                continue  # never merge two factors the design crosses
+            merged = ga + gb
+            for m in merged:
+                group[m] = merged
+    presets = _presets_of(t) if cats else pd.Series(dtype=object)
+    design_cats = [c for c in cats if c.startswith("design.")]
+    key = t["slug"] if "slug" in t else (t["design"] if "design" in t else None)
+    if len(design_cats) > 1 and key is not None and presets.notna().all() \
+            and presets.groupby(key.values).nunique().max() == 1 and presets.nunique() == key.nunique():
+        merged = list(design_cats)  # whole designs (every design one preset, unchanged): one factor, the preset
+        for m in merged:
+            group[m] = merged
+    factors, seen = [], set()
+    for c in cats:
+        if id(group[c]) in seen:
             continue
-        for choice, g in ok.groupby(key):
-            mean, sd, n, hw = ci95(g[col])
-            rows.append({"kind": kind, "choice": choice, "mean": mean, "effect": mean - grand, "n": n,
-                         "ci_low": mean - hw, "ci_high": mean + hw})
-    out = pd.DataFrame(rows, columns=["kind", "choice", "mean", "effect", "n", "ci_low", "ci_high"])
-    if len(out):  # kinds ordered by the spread of their choices: the one that matters most first
+        seen.add(id(group[c]))
+        members = sorted(group[c], key=lambda m: (_rank_key(m)[0], -cand[m].map(_fmt).nunique(), _rank_key(m)))
+        members = members[:1] + sorted(members[1:], key=_rank_key)
+        joint = pd.Series(list(zip(*(cand[m].map(_fmt) for m in members))), index=t.index)
+        levels, is_preset = _group_levels(joint, presets, len(members) > 1)
+        factors.append(Factor(members, levels, preset=is_preset))
+    for c in sorted(continuous, key=_rank_key):
+        v = numeric[c]
+        bins = pd.qcut(v, 3, labels=False, duplicates="drop")  # tertiles, labelled by the values they hold
+        span = v.groupby(bins).agg(["min", "max"])
+        labels = bins.map({b: f"{r['min']:.3g}–{r['max']:.3g}" for b, r in span.iterrows()}).astype(object)
+        factors.append(Factor([c], labels, continuous=True, values=v))
+    factors.sort(key=lambda f: (f.continuous, _rank_key(f.key)))
+    crossed, partial = [], []
+    cat_f = [f for f in factors if not f.continuous]
+    for i, a in enumerate(cat_f):
+        for b in cat_f[i + 1:]:
+            (crossed if _crossed(_codes(a.levels), _codes(b.levels)) else partial).append((a, b))
+    nest = pd.DataFrame(nested, columns=["column", "component", "choice", "option", "values", "varies", "note"])
+    for i, r in nest.iterrows():  # a varying nested option: is it separable within its choice?
+        if not r["varies"]:
+            continue
+        sub = t[r["column"]].notna()
+        own = _codes(t.loc[sub, r["column"]].map(_fmt))
+        with_ = [f.short for f in cat_f if len(set(_codes(f.levels[sub]))) > 1
+                 and (_determines(own, _codes(f.levels[sub])) or _determines(_codes(f.levels[sub]), own))]
+        nest.at[i, "note"] = (f"varies with the {' and the '.join(with_)}" if with_ else
+                              f"its own effect within {WORDS.get(r['component'], r['component'])}={r['choice']}")
+    n_designs = t["design"].nunique() if "design" in t else (t["slug"].nunique() if "slug" in t else len(t))
+    return Structure(factors, crossed, partial, nest, len(t), int(n_designs))
+
+
+def _group_levels(joint: pd.Series, presets: pd.Series, group: bool) -> tuple[pd.Series, bool]:
+    """Level labels of a factor from its members' joint values: the preset name where every level has one
+    (a group only), else the lead's value, with more members' values where the lead's alone repeats."""
+    keys = list(dict.fromkeys(joint))
+    if group and presets.notna().any():
+        names = {}
+        for k in keys:
+            ps = set(presets[joint.map(lambda j: j == k)].dropna())
+            names[k] = ps.pop() if len(ps) == 1 else None
+        if all(names.values()) and len(set(names.values())) == len(keys):
+            return joint.map(names).astype(object), True
+    width = 1
+    while width < len(keys[0]) and len({k[:width] for k in keys}) < len(keys):
+        width += 1
+    lab = {k: " / ".join(k[:width]) for k in keys}
+    return joint.map(lab).astype(object), False
+
+
+def _structure(trials: pd.DataFrame, structure: Structure | None) -> Structure:
+    return structure if structure is not None else design_structure(trials)
+
+
+def _finished(trials: pd.DataFrame, col: str) -> pd.DataFrame:
+    ok = trials[trials["status"] == "FINISHED"] if "status" in trials else trials
+    if col not in ok:
+        return ok.iloc[0:0]
+    return ok[pd.to_numeric(ok[col], errors="coerce").notna()]
+
+
+def main_effects(trials: pd.DataFrame, objective: str, structure: Structure | None = None) -> pd.DataFrame:
+    """Per independent factor and level: mean and 95 % interval of the objective over the finished trials.
+
+    Factors are those of ``design_structure``: aliased components appear once (``factor`` names every member,
+    ``aliased`` the ones that change with the lead ``kind``); nested options are not here (``nested_effects``);
+    a continuous factor by tertiles. Ordered by the spread of the level means: the one that matters most first.
+    """
+    col = objective if objective in trials else f"final/{objective}"
+    st = _structure(trials, structure)
+    ok = _finished(trials, col)
+    y = pd.to_numeric(ok[col], errors="coerce") if col in ok else pd.Series(dtype=float)
+    grand = y.mean()
+    rows = []
+    for f in st.factors:
+        lev = f.levels.loc[ok.index]
+        for choice in f.choices:
+            g = y[lev == choice]
+            if not len(g):
+                continue
+            mean, sd, n, hw = ci95(g)
+            rows.append({"kind": f.name, "factor": f.label, "aliased": ", ".join(f.aliased), "choice": choice,
+                         "mean": mean, "effect": mean - grand, "n": n, "ci_low": mean - hw, "ci_high": mean + hw})
+    cols = ["kind", "factor", "aliased", "choice", "mean", "effect", "n", "ci_low", "ci_high", "spread"]
+    out = pd.DataFrame(rows, columns=cols[:-1])
+    if len(out):  # factors ordered by the spread of their levels: the one that matters most first
         spread = out.groupby("kind")["mean"].agg(lambda m: m.max() - m.min())
         out["spread"] = out["kind"].map(spread)
-        out = out.sort_values(["spread", "mean"], ascending=[False, True]).reset_index(drop=True)
+        out = out.sort_values(["spread", "kind", "mean"], ascending=[False, True, True]).reset_index(drop=True)
+    else:
+        out["spread"] = pd.Series(dtype=float)
     return out
+
+
+def nested_effects(trials: pd.DataFrame, objective: str, structure: Structure | None = None) -> pd.DataFrame:
+    """Options nested under one choice of a component: per value, the objective over the trials with that
+    choice (only options that vary there and are not aliased with a factor)."""
+    col = objective if objective in trials else f"final/{objective}"
+    st = _structure(trials, structure)
+    ok = _finished(trials, col)
+    rows = []
+    for r in st.nested.itertuples():
+        if not r.varies or r.note.startswith("varies with"):
+            continue
+        sub = ok[ok[r.column].notna()]
+        for value, g in sub.groupby(sub[r.column].map(_fmt), sort=False):
+            mean, sd, n, hw = ci95(pd.to_numeric(g[col], errors="coerce"))
+            rows.append({"component": r.component, "choice": r.choice, "option": r.option, "value": value,
+                         "mean": mean, "n": n, "ci_low": mean - hw, "ci_high": mean + hw})
+    return pd.DataFrame(rows, columns=["component", "choice", "option", "value", "mean", "n", "ci_low", "ci_high"])
 
 
 def interaction(trials: pd.DataFrame, a: str, b: str, objective: str) -> pd.DataFrame:
@@ -349,33 +680,133 @@ def interaction(trials: pd.DataFrame, a: str, b: str, objective: str) -> pd.Data
     return ok.pivot_table(index=f"design.{a}.name", columns=f"design.{b}.name", values=col, aggfunc="mean")
 
 
-def importance(trials: pd.DataFrame, objective: str, seed: int = 0) -> pd.Series:
-    """Parameter importance of the searched design choices with optuna's fANOVA evaluator.
+def interactions(trials: pd.DataFrame, objective: str, structure: Structure | None = None
+                 ) -> list[tuple[Factor, Factor, pd.DataFrame]]:
+    """(a, b, mean objective per level pair) for each pair of factors the design crosses, and only those."""
+    col = objective if objective in trials else f"final/{objective}"
+    st = _structure(trials, structure)
+    ok = _finished(trials, col)
+    out = []
+    for a, b in st.crossed:
+        y = pd.to_numeric(ok[col], errors="coerce")
+        tab = y.groupby([a.levels.loc[ok.index], b.levels.loc[ok.index]]).mean().unstack()
+        tab = tab.reindex(index=[c for c in a.choices if c in tab.index], columns=[c for c in b.choices
+                                                                                  if c in tab.columns])
+        tab.index.name, tab.columns.name = a.short, b.short
+        out.append((a, b, tab))
+    return out
 
-    The finished trials become an in-memory Optuna study (one categorical/float parameter per design
-    column that varies), so the same evaluator serves grid and Optuna studies.
+
+def importance(trials: pd.DataFrame, objective: str, seed: int = 0, structure: Structure | None = None) -> pd.Series:
+    """fANOVA importance (optuna's ``FanovaImportanceEvaluator``) of the study's independent factors.
+
+    One parameter per factor of ``design_structure`` (indexed by its ``label``: aliased components are one
+    parameter, nested options none), categorical, or a float for a continuous factor. The finished trials
+    become an in-memory Optuna study, so the same evaluator serves grid and Optuna studies.
     """
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     col = objective if objective in trials else f"final/{objective}"
-    ok = trials[(trials["status"] == "FINISHED") & trials[col].notna()]
-    cols = [c for c in ok.columns if c.startswith(("design.", "train.")) and ok[c].nunique(dropna=False) > 1
-            and c not in ("train.seed", "train.out_dir")]
-    if not cols or len(ok) < 2:
-        return pd.Series(dtype=float)
-    dists = {}
-    for c in cols:
-        vals = ok[c]
-        if pd.api.types.is_numeric_dtype(vals) and vals.nunique() > 2:
-            dists[c] = FloatDistribution(float(vals.min()), float(vals.max()))
+    st = _structure(trials, structure)
+    ok = _finished(trials, col)
+    factors = st.factors
+    if not factors or len(ok) < 2:
+        return pd.Series(dtype=float, name=f"fANOVA importance for {objective}")
+    dists, vals = {}, {}
+    for f in factors:
+        if f.continuous:
+            v = f.values.loc[ok.index].astype(float)
+            dists[f.label] = FloatDistribution(float(v.min()), float(v.max()))
         else:
-            dists[c] = CategoricalDistribution(sorted(map(str, vals.unique())))
+            v = f.levels.loc[ok.index].astype(str)
+            dists[f.label] = CategoricalDistribution(sorted(set(v)))
+        vals[f.label] = v
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize")
-    for _, r in ok.iterrows():
-        params = {c: (float(r[c]) if isinstance(dists[c], FloatDistribution) else str(r[c])) for c in cols}
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(r[col])))
+    y = pd.to_numeric(ok[col], errors="coerce")
+    for i in ok.index:
+        params = {k: (float(v[i]) if isinstance(dists[k], FloatDistribution) else str(v[i])) for k, v in vals.items()}
+        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=float(y[i])))
     imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed))
     return pd.Series(imp, name=f"fANOVA importance for {objective}")
+
+
+# -- short design labels -----------------------------------------------------------------------------
+def design_labels(trials: pd.DataFrame, structure: Structure | None = None, by: str = "design") -> pd.Series:
+    """design -> a short unique label; the slug stays the ``design`` key (the report shows it on hover).
+
+    Where the designs are presets (an aliased group labelled by preset, or every design recorded as one): the
+    preset and the components that differ from it, e.g. "meanflow" and "meanflow · cosine"; otherwise the
+    level of every factor ("meanflow · linear"). Searched train settings and kwargs as "option=value".
+    """
+    st = _structure(trials, structure)
+    first = trials.drop_duplicates(by)
+    recorded = _presets_of(first)
+    group = next((f for f in st.factors if f.preset and len(f.columns) > 1), None)
+    vary = st.nested[st.nested["varies"] & ~st.nested["note"].str.startswith("varies with")] \
+        if len(st.nested) else st.nested
+    by_preset = group is not None or (len(first) > 1 and recorded.notna().all())
+    pure = {p: i for i, p in recorded.dropna().items()}  # preset -> the design that is it, unchanged
+
+    def text(f: Factor, i) -> str:
+        if f.continuous:
+            return f"{f.name.split('.')[-1]}={f.values[i]:.3g}"
+        if f.key.endswith(".name") or len(f.columns) > 1:
+            return str(f.levels[i])
+        return f"{f.name.split('.')[-1]}={f.levels[i]}"
+
+    out = {}
+    for i, row in first.iterrows():
+        preset = recorded[i] if isinstance(recorded.get(i), str) else (
+            str(group.levels[i]) if group is not None else None)
+        ref = pure.get(preset) if by_preset and preset else None
+        parts = [preset] if by_preset and preset else []
+        for f in sorted(st.factors, key=lambda f: (not f.preset, f.continuous, _rank_key(f.key))):
+            if parts and f is group:
+                continue
+            train = f.key.startswith("train.")
+            if parts and not train and (ref is None and isinstance(recorded.get(i), str)):
+                continue  # the design is this preset, unchanged
+            if parts and not train and ref is not None and f.levels[ref] == f.levels[i]:
+                continue  # as in the preset
+            parts.append(text(f, i))
+        for r in vary.itertuples():
+            if pd.notna(row.get(r.column)) and not (ref is not None and _fmt(first.loc[ref, r.column])
+                                                    == _fmt(row[r.column])):
+                parts.append(f"{r.option}={_fmt(row[r.column])}")
+        if not parts:
+            parts = [str(row.get("slug") or row[by])]
+        out[row[by]] = " · ".join(parts)
+    labels = pd.Series(out, dtype=object)
+    dup = labels.duplicated(keep=False)
+    if dup.any():  # designs that differ only in what the factors do not see: number them
+        labels[dup] = [f"{v} #{k + 1}" for k, v in enumerate(labels[dup])]
+    return labels
+
+
+# -- the dry run: what a planned study can separate --------------------------------------------------
+def design_frame(trials: list[dict]) -> pd.DataFrame:
+    """Planned trials (``ablate.run.expand_trials`` dicts: 'slug', 'variant', 'params', …) as a trials table."""
+    rows = []
+    for t in trials:
+        variant = t.get("variant") or ""
+        row = {"slug": t.get("slug"), "design": f"{t.get('slug')} [{variant}]" if variant else t.get("slug"),
+               "seed": int(t.get("seed", 0)), "status": "PLANNED", "preset": t.get("preset") or "",
+               **dict(t.get("params") or {})}
+        for part in re.split(r", (?=[\w.]+=)", variant) if variant else []:
+            k, _, v = part.partition("=")
+            row[k] = _num(v)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def separability(trials: pd.DataFrame) -> Structure:
+    """The design structure of a trial set (run or planned: see ``design_frame``); ``.lines()`` in words."""
+    return design_structure(trials)
+
+
+def separability_lines(trials: pd.DataFrame) -> list[str]:
+    """What a study can and cannot separate, as lines to print (the dry run)."""
+    return design_structure(trials).lines()

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dashboards.tables import importance, interaction, main_effects, rank
+from dashboards.tables import importance, interaction, interactions, main_effects, rank
 
 
 def _table(seed=0, n_seeds=4, effect=10.0, noise=0.5):
@@ -40,9 +40,12 @@ def test_planted_component_effect_comes_first_with_an_interval_excluding_zero():
     sched = eff[eff["kind"] == "schedule"]
     assert (sched["ci_low"] - grand < 0).all() and (sched["ci_high"] - grand > 0).all()  # no planted effect
     imp = importance(_table(), "fid/nfe_1")
-    assert imp.index[0] == "design.target.name" and imp.iloc[0] > 0.8
+    assert imp.index[0] == "target" and imp.iloc[0] > 0.8  # indexed by factor (design_structure), not column
+    assert set(imp.index) == {"target", "schedule"}
     tab = interaction(_table(), "schedule", "target", "fid/nfe_1")
     assert tab.shape == (2, 3) and tab.loc["linear", "meanflow"] < tab.loc["linear", "flow_matching"] - 5
+    (fa, fb, crossed), = interactions(_table(), "fid/nfe_1")  # the one crossed pair, same numbers
+    assert {fa.name, fb.name} == {"schedule", "target"} and crossed.shape in ((2, 3), (3, 2))
 
 
 def test_equal_means_are_not_separable_and_a_clear_gap_is():
