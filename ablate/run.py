@@ -6,7 +6,9 @@ MLflow records them (a parent run per study, a child run per trial). The
 study's Ray experiment lives at a fixed path (``resources.storage``/<study>),
 so running the same command again restores it: finished trials are kept,
 unfinished and errored ones continue from their last checkpoint. ``--fresh``
-starts over.
+starts over. Only a folder that carries this study's marker (``.ablate-study.json``,
+written when the study starts) is restored or removed: restoring unpickles Tune's
+state, so a folder the platform did not create is refused.
 
 Search: ``grid`` (full factorial, seeds as repeats) or ``optuna`` (Ray Tune's
 OptunaSearch over a define-by-run space with conditional keys), optionally
@@ -15,19 +17,24 @@ with ASHA early stopping.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import hashlib
 import itertools
 import json
 import math
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from ablate.config import ConfigError
 from ablate.race import round_dir
+from ablate.tracking import mlflow_literal  # noqa: F401  (filters; re-exported for callers)
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
@@ -154,6 +161,7 @@ def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
 def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | None = None,
                    dry_run: bool = False) -> dict:
     """The trial for overrides ``over`` and ``seed``: resolved design, stable key, flat params."""
+    from ablate.config import check_values
     from ablate.data import DataError, load_data
     from ablate.design import DesignError, build_components, resolve_design
     from components.registry import RegistryError
@@ -161,6 +169,10 @@ def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | No
     data_cache = {} if data_cache is None else data_cache
     tc = trial_config(cfg, over, seed)
     where = ", ".join(f"{k}={v}" for k, v in over.items()) or "the base design"
+    if over:  # a searched train.* value is checked like one written in the file
+        bad = check_values(tc)
+        if bad:
+            raise ConfigError("", [(k, f"{m} (in trial {where})") for k, m in bad])
     data_spec = OmegaConf.to_container(tc.data, resolve=True)
     dkey = json.dumps(data_spec, sort_keys=True)
     if dkey not in data_cache:
@@ -283,6 +295,9 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
     cfg.train.out_dir = str(out)
     if float(cfg.resources.gpus_per_trial) > 1:  # DDP: one rank per GPU of the trial (ablate/distributed.py)
         cfg.train.world_size = int(cfg.resources.gpus_per_trial)
+    from ablate.gpu import prepare_trial
+
+    prepare_trial(cfg)  # before CUDA initialises: the GPUs Ray assigned (or none: CPU), a fraction's memory share
     cl = tracking.client(uri)
     tags = {"design_id": t["design_id"], "slug": t["slug"], "seed": str(t["seed"]), "study": str(cfg.name),
             "variant": t.get("variant", ""), "seed_reason": t.get("reason", "initial"),
@@ -372,14 +387,22 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
 
 # -- the driver ---------------------------------------------------------------------------
 def _main(args) -> int:
-    from ablate.config import compose
+    from ablate.config import compose, validate
 
-    cfg, source = compose(args.target, args.overrides)
+    cfg, source = compose(args.target, args.overrides)  # refuses a name that is not a plain name
     name = str(cfg.name or Path(args.target).stem)
     cfg.name = name
+    validate(cfg, source)
     trials = expand_trials(cfg, source, dry_run=args.dry_run)
     res = cfg.resources
     root = storage_root(cfg)
+    try:
+        state = study_state(root, name, fresh=args.fresh)  # refuses a folder this platform did not create
+    except StorageUnreachable as exc:
+        if not args.dry_run:
+            raise
+        print(f"note: {exc}; the study's folder was not checked")
+        state = "unchecked"
     if cfg.search.mode == "optuna":
         print(f"study {name}: optuna ({cfg.search.sampler}) over {list(cfg.search.space)}, "
               f"{cfg.search.num_samples} designs × {seed_plan(cfg).min} seeds, objective {list(cfg.search.objective)}"
@@ -390,29 +413,178 @@ def _main(args) -> int:
         print(f"  {t['key']}  {t['slug']}  seed {t['seed']}  " + " ".join(f"{k}={v}" for k, v in t["overrides"].items()))
     print(f"resources: {res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU per trial; at most "
           f"{res.max_concurrent or 'unlimited'} at once; Ray at {res.address or os.environ.get('RAY_ADDRESS') or 'local'}")
-    print(f"storage: {root}/{name}")
+    from ablate.gpu import resource_lines
+
+    for line in resource_lines(cfg, trials):  # CPU or GPU trials (on purpose), what fits in a GPU share
+        print(f"  {line}")
+    print(f"storage: {root}/{name} ({'started over' if args.fresh and state == 'ours' else STATE_WORDS[state]})")
     if args.dry_run:
+        if cfg.search.mode == "grid":  # optuna's validation corners are not the design it will sample
+            from dashboards.tables import design_frame, separability_lines
+
+            print("\n".join(separability_lines(design_frame(trials))))
         return 0
     return launch(cfg, trials, root, fresh=args.fresh)
 
 
+# -- the study's folder: only what this platform created is restored or removed ---------------
+MARKER = ".ablate-study.json"
+STATE_WORDS = {"absent": "new", "empty": "new", "ours": "this study's: resumed", "unchecked": "not checked"}
+
+
+class StudyStateError(ValueError):
+    """The study's storage folder cannot be used (not created by this platform, or not for this study)."""
+
+
+class StorageUnreachable(StudyStateError):
+    """A URI storage that cannot be opened or read from here (scheme, credentials, network)."""
+
+
+def _remote(root: str) -> bool:
+    return "://" in root
+
+
+def _fs(root: str, name: str):
+    """(pyarrow filesystem, path of the study folder) for a URI root (s3://, gs://, file://, ...)."""
+    from pyarrow import fs as pafs
+
+    try:
+        filesystem, base = pafs.FileSystem.from_uri(root.rstrip("/"))
+    except Exception as exc:  # noqa: BLE001 - an unknown scheme, missing credentials
+        raise StorageUnreachable(f"resources.storage {root!r}: cannot open it: {exc}") from exc
+    return filesystem, f"{base.rstrip('/')}/{name}"
+
+
+def _read_marker(text: str, where: str, name: str) -> dict:
+    try:
+        marker = json.loads(text)
+    except ValueError:
+        marker = None
+    if not isinstance(marker, dict) or marker.get("platform") != "ablate":
+        raise StudyStateError(f"{where} is not a study marker of this platform: refusing to use its folder")
+    if marker.get("study") != name:
+        raise StudyStateError(f"{where} belongs to study {marker.get('study')!r}, not {name!r}: refusing to use "
+                              f"its folder (pick another name or resources.storage)")
+    return marker
+
+
+def _foreign(folder: str, fresh: bool) -> StudyStateError:
+    act = ("delete it" if fresh else
+           "restore it (restoring unpickles its tuner.pkl, which runs whatever code the file holds) or write into it")
+    return StudyStateError(
+        f"{folder} exists but was not created by ablate.run for this study (no {MARKER} marker): refusing to {act}. "
+        f"If the folder is yours and you want it gone, remove it yourself; otherwise choose another name or "
+        f"resources.storage")
+
+
+def study_state(root: str, name: str, fresh: bool = False) -> str:
+    """What the study's folder ``root/name`` is: ``absent``, ``empty`` or ``ours`` (it carries this study's marker).
+
+    Anything else raises :class:`StudyStateError`: a folder without the marker, a marker of another study, a
+    symbolic link, a path that leaves ``root``, or (on a local/shared path) a marker or Tune state owned by another
+    user. Checked before anything is written, also in --dry-run.
+    """
+    if _remote(root):
+        try:
+            return _remote_state(root, name, fresh)
+        except OSError as exc:
+            raise StorageUnreachable(f"resources.storage {root!r}: cannot read it: {exc}") from exc
+    base = Path(root)
+    folder = base / name
+    if folder.is_symlink():
+        raise StudyStateError(f"{folder} is a symbolic link: refusing to use it as the study's folder")
+    if not folder.exists():
+        return "absent"
+    if not folder.is_dir():
+        raise StudyStateError(f"{folder} exists and is not a folder")
+    if folder.resolve().parent != base.resolve():
+        raise StudyStateError(f"{folder} resolves outside {base}: refusing to use it")
+    marker = folder / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        _read_marker(marker.read_text(errors="replace"), str(marker), name)
+        if hasattr(os, "getuid"):
+            for f in (folder, marker, folder / "tuner.pkl"):
+                if f.exists() and f.stat().st_uid != os.getuid():
+                    raise StudyStateError(f"{f} belongs to another user (uid {f.stat().st_uid}): refusing to "
+                                          f"restore or delete a study another user can have written")
+        return "ours"
+    if not any(folder.iterdir()):
+        return "empty"
+    raise _foreign(str(folder), fresh)
+
+
+def _remote_state(root: str, name: str, fresh: bool) -> str:
+    from pyarrow import fs as pafs
+
+    filesystem, path = _fs(root, name)
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return "absent"
+    if info.type != pafs.FileType.Directory:
+        raise StudyStateError(f"{root}/{name} exists and is not a folder")
+    minfo = filesystem.get_file_info(f"{path}/{MARKER}")
+    if minfo.type == pafs.FileType.File:
+        with filesystem.open_input_stream(f"{path}/{MARKER}") as fh:
+            _read_marker(fh.read().decode("utf-8", "replace"), f"{root}/{name}/{MARKER}", name)
+        return "ours"
+    if not filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        return "empty"
+    raise _foreign(f"{root}/{name}", fresh)
+
+
+def prepare_study_folder(root: str, name: str, fresh: bool) -> str:
+    """Check the study's folder, remove it when ``fresh`` (only if it is ours), create it with its marker.
+
+    Returns the state found (see :func:`study_state`); ``ours`` and not ``fresh`` means: restore it.
+    """
+    state = study_state(root, name, fresh)
+    if fresh and state == "ours" and not _remote(root):
+        folder = Path(root) / name
+        if folder.is_symlink() or folder.resolve().parent != Path(root).resolve() or not (folder / MARKER).is_file():
+            raise StudyStateError(f"{folder} changed while it was checked: refusing to delete it")
+        shutil.rmtree(folder)
+    if state != "ours" or fresh:
+        _write_marker(root, name)
+    return state
+
+
+def _write_marker(root: str, name: str) -> None:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    text = json.dumps({"platform": "ablate", "study": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "user": user, "host": socket.gethostname(), "pid": os.getpid()}, indent=1)
+    if _remote(root):
+        filesystem, path = _fs(root, name)
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{MARKER}") as fh:
+            fh.write(text.encode())
+        return
+    folder = Path(root) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{MARKER}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, folder / MARKER)
+
+
 def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) -> int:
-    import ray
     from ray import tune
 
     from ablate import tracking
 
     name, res = str(cfg.name), cfg.resources
+    remote = _remote(root)
+    exp_dir = f"{root}/{name}"
+    # before anything is written: the folder must be absent, empty or this study's own (it carries the marker);
+    # --fresh removes only such a folder. Only a marked folder is restored (restoring unpickles Tune's tuner.pkl).
+    state = prepare_study_folder(root, name, fresh)
     uri = tracking.tracking_uri(cfg.tracking.uri)
     cl = tracking.client(uri)
     artifacts = cfg.tracking.artifact_location
-    if artifacts is None and uri.startswith("sqlite:") and "://" not in root:
+    if artifacts is None and uri.startswith("sqlite:") and not remote:
         artifacts = Path(root, name, "mlartifacts").as_uri()  # explicit, next to the study (not ./mlruns)
     exp_id = tracking.experiment_id(cl, str(cfg.tracking.experiment or name), artifacts)
-    remote = "://" in root
-    exp_dir = f"{root}/{name}"
-    if fresh and not remote and Path(exp_dir).exists():
-        shutil.rmtree(exp_dir)
     parent_id = tracking.parent_run(cl, exp_id, name, fresh=fresh)
     # trial run folders: beside the Tune state on a local/shared path; node-local under a URI (a trial that
     # moves to another node continues from the Tune checkpoint in the URI storage)
@@ -424,16 +596,8 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
                              trials_dir=str(trials_dir)),
         {"cpu": float(res.cpus_per_trial), "gpu": float(res.gpus_per_trial)})
     address = res.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             **({} if address else {"num_cpus": max(1, os.cpu_count() or 1)}))
     objective = list(cfg.search.objective)[0]
-    slots = int(ray.cluster_resources().get("CPU", 1) // max(float(res.cpus_per_trial), 1e-9))
-    if float(res.gpus_per_trial) > 0:
-        slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // float(res.gpus_per_trial)))
-    n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * seed_plan(cfg).min
-    concurrency = max(1, min(n_trials, int(res.max_concurrent) or slots, slots))
-    tracking.retry(cl.set_tag, parent_id, "concurrency", str(concurrency))  # for the overhead benchmark
-    tune_cfg = tune_config(cfg)
+    restorable = state == "ours" and not fresh
 
     def fit(k: int, round_trials: list[dict]) -> list:
         """Round k of the study (k ≥ 1: a racing round, ablate/race.py): a Tune experiment, restored if it exists."""
@@ -442,7 +606,7 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
                                  failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
         path = f"{storage}/{rname}"
-        if not fresh and tune.Tuner.can_restore(path):
+        if restorable and tune.Tuner.can_restore(path):  # every round lives inside the marked study folder
             print(f"resuming study {name} from {path}")
             tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
         else:
@@ -452,10 +616,18 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
         close_unfinished(cl, exp_id, parent_id, trials_dir)
         return out
 
-    results = fit(0, trials)
-    plan = seed_plan(cfg)
-    if cfg.search.mode == "grid" and plan.racing:
-        results += race(cfg, trials, plan, fit, cl, parent_id, uri, objective)
+    with ray_session(address) as ray:  # a local Ray started here is shut down on the way out, whatever happens
+        slots = int(ray.cluster_resources().get("CPU", 1) // max(float(res.cpus_per_trial), 1e-9))
+        if float(res.gpus_per_trial) > 0:
+            slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // float(res.gpus_per_trial)))
+        n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * seed_plan(cfg).min
+        concurrency = max(1, min(n_trials, int(res.max_concurrent) or slots, slots))
+        tracking.retry(cl.set_tag, parent_id, "concurrency", str(concurrency))  # for the overhead benchmark
+        tune_cfg = tune_config(cfg)
+        results = fit(0, trials)
+        plan = seed_plan(cfg)
+        if cfg.search.mode == "grid" and plan.racing:
+            results += race(cfg, trials, plan, fit, cl, parent_id, uri, objective)
     errors = [r for r in results if r.error is not None]
     tracking.retry(cl.set_terminated, parent_id, status="FAILED" if len(errors) == len(results) else "FINISHED")
     try:  # the report never decides the study's outcome
@@ -468,7 +640,6 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
         print(f"(no report: {type(exc).__name__}: {exc}; rebuild it with python -m dashboards.report {name})")
     print(f"{len(results) - len(errors)} trials finished, {len(errors)} failed; browse with:\n"
           f"  mlflow ui --backend-store-uri {uri}")
-    ray.shutdown()
     return 0 if not errors else 1
 
 
@@ -489,6 +660,51 @@ def race(cfg: DictConfig, trials: list[dict], plan, fit, cl, parent_id: str, uri
 
     return run_race(trials, plan, fit, lambda over, seed: describe_trial(cfg, over, seed, data_cache),
                     lambda: rank(load_trials(name, uri), objective), note)
+
+
+#: Ray reads this at import (ray._private.ray_constants): False makes a local Ray take the loopback address as
+#: its node address, so the GCS, the raylet, the object manager and the workers listen on 127.0.0.1 only.
+_RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Ray for one study: connect to ``address``, or start a local instance bound to loopback.
+
+    On the way out (normally, on an error, on SIGTERM or Ctrl-C) the instance started here is shut down, so its
+    GCS, raylet and agents do not outlive the driver; a Ray that was already initialised is left as it was.
+    """
+    import ray
+
+    owned = not ray.is_initialized()
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    else:
+        with _loopback_ray():
+            ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                     num_cpus=max(1, os.cpu_count() or 1), _node_ip_address="127.0.0.1")
+    try:
+        yield ray
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_ray():
+    from ray._private import ray_constants
+
+    old_env, old_const = os.environ.get(_RAY_CLUSTER_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_ENV] = "0"  # the processes ray.init starts read it too
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(_RAY_CLUSTER_ENV, None)
+        else:
+            os.environ[_RAY_CLUSTER_ENV] = old_env
 
 
 def tune_config(cfg: DictConfig):
@@ -534,7 +750,8 @@ def close_unfinished(cl, exp_id: str, parent_id: str, trials_dir: Path) -> None:
     """Child runs left RUNNING (stopped early by ASHA, or cut off) are closed as KILLED, with the reason."""
     from ablate import tracking
 
-    runs = tracking.retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+    runs = tracking.retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                                                                 f"{mlflow_literal(parent_id)} "
                                                                  "and attributes.status = 'RUNNING'")
     for r in runs:
         tracking.retry(cl.set_tag, r.info.run_id, "stopped", "early stopping or interruption")

@@ -36,6 +36,20 @@ def retry(fn, *args, attempts: int = 12, **kwargs):
             time.sleep(min(5.0, 0.05 * 2 ** i) * (0.5 + random.random()))
 
 
+def mlflow_literal(value) -> str:
+    """``value`` as a string literal of an MLflow filter string (``'...'``, or ``"..."`` when it holds a ``'``).
+
+    MLflow's filter grammar has no escape inside a literal: a value holding both quote characters is refused
+    rather than put into a filter whose meaning it could change.
+    """
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} cannot be written in an MLflow filter (it holds both ' and \")")
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -59,8 +73,9 @@ def experiment_id(cl, name: str, artifact_location: str | None) -> str:
 
 def parent_run(cl, exp_id: str, study: str, fresh: bool = False) -> str:
     """The study's parent run: reused on resume, a new one with ``fresh`` (the old one is kept, tagged)."""
-    runs = retry(cl.search_runs, [exp_id], filter_string=f"tags.ablate_role = 'study' and tags.study = '{study}' "
-                                                        "and tags.superseded = 'false'")
+    runs = retry(cl.search_runs, [exp_id],
+                 filter_string=f"tags.ablate_role = 'study' and tags.study = {mlflow_literal(study)} "
+                               "and tags.superseded = 'false'")
     if runs and not fresh:
         run_id = runs[0].info.run_id
         retry(cl.update_run, run_id, status="RUNNING")
@@ -74,7 +89,7 @@ def parent_run(cl, exp_id: str, study: str, fresh: bool = False) -> str:
 
 def child_run(cl, exp_id: str, parent_id: str, key: str, name: str, tags: dict) -> tuple[str, str]:
     """(run id, status) of the child run for trial ``key``, created if absent: exactly one per (design, seed)."""
-    runs = retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
+    runs = retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = {mlflow_literal(parent_id)} "
                                                         f"and tags.trial_key = '{key}'")
     if runs:
         return runs[0].info.run_id, runs[0].info.status

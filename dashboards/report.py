@@ -693,7 +693,7 @@ def main(argv=None) -> int:
         if args.objective:  # a metric the study never logged: say which exist (before any work is done)
             import re
 
-            from ablate.run import mlflow_literal
+            from ablate.tracking import mlflow_literal
             from ablate.tracking import client, retry, tracking_uri
             from dashboards.tables import _parent
 

@@ -34,13 +34,14 @@ def _client(uri: str | None):
 
 
 def _parent(cl, study: str):
-    from ablate.tracking import retry
+    from ablate.tracking import mlflow_literal, retry
 
     exp = retry(cl.get_experiment_by_name, study)
     if exp is None:
         raise ValueError(f"no MLflow experiment named '{study}' at this tracking URI")
     runs = retry(cl.search_runs, [exp.experiment_id],
-                 filter_string=f"tags.ablate_role = 'study' and tags.study = '{study}' and tags.superseded = 'false'")
+                 filter_string=f"tags.ablate_role = 'study' and tags.study = {mlflow_literal(study)} "
+                                "and tags.superseded = 'false'")
     if not runs:
         raise ValueError(f"experiment '{study}' has no study (parent) run")
     return exp, runs[0]
@@ -52,12 +53,13 @@ def load_trials(study: str, uri: str | None = None) -> pd.DataFrame:
     Also ``slug``, ``preset`` (tag ``preset`` or param ``design.preset`` where a run records one, else "")
     and ``seed_reason`` (the racing tag, else ""); ``attrs["racing"]`` is the parent run's ``racing`` tag.
     """
-    from ablate.tracking import retry
+    from ablate.tracking import mlflow_literal, retry
 
     cl = _client(uri)
     exp, parent = _parent(cl, study)
     runs = retry(cl.search_runs, [exp.experiment_id],
-                 filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000)
+                 filter_string=f"tags.`mlflow.parentRunId` = {mlflow_literal(parent.info.run_id)}",
+                 max_results=50000)
     rows = []
     for r in runs:
         tags, params, metrics = r.data.tags, r.data.params, r.data.metrics
@@ -85,7 +87,7 @@ def load_trials(study: str, uri: str | None = None) -> pd.DataFrame:
 
 def load_histories(study: str, uri: str | None = None, prefixes=("fid/", "train/loss")) -> pd.DataFrame:
     """Long table: run_id, design, seed, metric, step, value (every logged point)."""
-    from ablate.tracking import retry
+    from ablate.tracking import mlflow_literal, retry
 
     cl = _client(uri)
     trials = load_trials(study, uri)

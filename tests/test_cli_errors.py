@@ -165,3 +165,135 @@ def test_bad_input_subprocess(case, runs):
 def test_dry_run_subprocess(runs):
     res = runs["ok_dry_run"]
     _check_dry_run(res.returncode, res.stdout, res.stderr)
+
+
+# -- values are checked for meaning, not only type (python -m ablate.run) ----------------------------
+RUN_STUDY = """\
+name: ranges
+data: {name: gaussian_mixture, modes: 2, n: 400}
+design:
+  preset: flow_matching
+  guidance: none
+  backbone: {name: mlp, width: 8, depth: 1}
+train: {steps: 4, batch_size: 16, log_every: 2, ckpt_every: 0}
+eval: {every: 0, nfe: [1], num_samples: 50}
+sample: {nfe: [1], num: 8}
+resources: {cpus_per_trial: 1}
+"""
+
+# override -> fragments the message must hold (the key and the valid range or choices)
+RANGES = {
+    "train.steps=0": ["train.steps", "≥ 1", "got 0"],
+    "train.batch_size=0": ["train.batch_size", "≥ 1"],
+    "train.log_every=0": ["train.log_every", "≥ 1"],
+    "eval.nfe=[1,0]": ["eval.nfe", "≥ 1", "[1, 0]"],
+    "eval.nfe=[1,-2]": ["eval.nfe", "≥ 1"],
+    "train.optimizer=sgd": ["train.optimizer", "'sgd'", "adam, adamw"],
+    "train.device=gpu": ["train.device", "auto, cpu, cuda or cuda:N", "'gpu'"],
+    "train.precision=fp16": ["train.precision", "auto, fp32, bf16", "'fp16'"],
+    "train.lr=0": ["train.lr", "finite number > 0"],
+    "train.lr=-0.1": ["train.lr", "finite number > 0"],
+    "train.lr=inf": ["train.lr", "finite number > 0", "inf"],
+    "train.lr=nan": ["train.lr", "finite number > 0", "nan"],
+    "train.betas=[0.9]": ["train.betas", "two numbers in [0, 1)"],
+    "train.betas=[0.9,1.0]": ["train.betas", "two numbers in [0, 1)"],
+    "train.betas=[-0.1,0.9]": ["train.betas", "two numbers in [0, 1)"],
+    "train.ema=1.0": ["train.ema", "[0, 1)"],
+    "train.ema=-0.5": ["train.ema", "[0, 1)"],
+    "eval.every=-1": ["eval.every", "≥ 0"],
+    "train.ckpt_every=-5": ["train.ckpt_every", "≥ 0"],
+    "train.grad_clip=-1.0": ["train.grad_clip", "≥ 0"],
+    "train.warmup_steps=-1": ["train.warmup_steps", "≥ 0"],
+    "train.weight_decay=-0.1": ["train.weight_decay", "≥ 0"],
+    "resources.max_concurrent=-1": ["resources.max_concurrent", "≥ 0"],
+    "resources.cpus_per_trial=-1": ["resources.cpus_per_trial", "≥ 0"],
+    "resources.gpus_per_trial=-0.5": ["resources.gpus_per_trial", "≥ 0"],
+    "eval.num_samples=0": ["eval.num_samples", "≥ 1"],
+    "eval.batch_size=0": ["eval.batch_size", "≥ 1"],
+}
+
+
+@pytest.fixture
+def run_study(tmp_path, monkeypatch):
+    import ray
+
+    def tripwire(*a, **k):
+        raise AssertionError("ray.init reached: validation let a bad value through")
+
+    monkeypatch.setattr(ray, "init", tripwire)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ranges.yaml").write_text(RUN_STUDY)
+    return tmp_path / "ranges.yaml"
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry_run", "run"])
+@pytest.mark.parametrize("override", sorted(RANGES))
+def test_out_of_range_values_are_refused(override, dry_run, run_study, capsys):
+    from ablate.run import main as run_main
+
+    tmp = run_study.parent
+    code = run_main([str(run_study), override, f"resources.storage={tmp}/runs", f"tracking.uri=sqlite:///{tmp}/m.db",
+                     *(["--dry-run"] if dry_run else [])])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert code == 2, f"exit {code}\n{out[-1500:]}\n{err}"
+    assert err.startswith("error:") and str(run_study) in err, err
+    for frag in RANGES[override]:
+        assert frag in err, f"{frag!r} not in:\n{err}"
+    assert sorted(p.name for p in tmp.iterdir()) == ["ranges.yaml"], "nothing may be written"
+
+
+def test_every_bad_value_is_reported_at_once(run_study, capsys):
+    from ablate.run import main as run_main
+
+    assert run_main([str(run_study), "train.steps=0", "train.lr=-1.0", "train.optimizer=sgd", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert sum(ln.startswith("error:") for ln in err.splitlines()) == 1
+    assert all(k in err for k in ("train.steps", "train.lr", "train.optimizer"))
+
+
+def test_a_searched_value_is_checked_like_a_written_one(run_study, capsys):
+    from ablate.run import main as run_main
+
+    run_study.write_text(RUN_STUDY + "search:\n  grid:\n    train.lr: [0.001, -1.0]\n")
+    assert run_main([str(run_study), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "finite number > 0" in err and "train.lr=-1.0" in err
+
+
+def test_good_values_pass(run_study, capsys):
+    from ablate.run import main as run_main
+
+    from ablate.config import check_values, compose
+
+    argv = [str(run_study), "train.device=cpu", "train.precision=bf16", "train.ema=0.0", "train.betas=[0.0,0.99]",
+            "train.grad_clip=0.0", "resources.max_concurrent=0", "train.optimizer=adam", "--dry-run"]
+    assert run_main(argv) == 0, capsys.readouterr().err
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert check_values(compose(str(run_study), [f"train.device={device}"])[0]) == []
+
+
+# -- the report: an objective the study never logged ---------------------------------------------------
+def test_report_with_an_unknown_objective_names_the_ones_that_exist(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from dashboards.report import main as report_main
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    cl = MlflowClient(uri)
+    exp = cl.create_experiment("fake")
+    parent = cl.create_run(exp, run_name="fake", tags={"ablate_role": "study", "study": "fake", "superseded": "false"})
+    for seed in range(2):
+        for slug in ("a", "b"):
+            r = cl.create_run(exp, tags={"mlflow.parentRunId": parent.info.run_id, "ablate_role": "trial",
+                                         "slug": slug, "seed": str(seed), "design_id": slug, "trial_key": slug + str(seed)})
+            cl.log_metric(r.info.run_id, "fid/nfe_1", 10.0 + seed + (slug == "b"), step=10)
+            cl.set_terminated(r.info.run_id, "FINISHED")
+    argv = ["fake", "--tracking-uri", uri, "--no-attach", "--out", str(tmp_path / "r.html")]
+    assert report_main([*argv, "--objective", "fid/nfe_3"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    msg = [ln for ln in err.splitlines() if ln.startswith("error:")]  # (MLflow logs its own lines to stderr)
+    assert len(msg) == 1 and "fid/nfe_3" in msg[0] and "fid/nfe_1" in msg[0], err
+    assert not (tmp_path / "r.html").exists()
+    assert report_main([*argv, "--objective", "fid/nfe_1"]) == 0
