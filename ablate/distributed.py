@@ -21,6 +21,7 @@ rank 0 alone writes checkpoints, metrics, evaluations and sample grids.
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from datetime import timedelta
 
@@ -194,7 +195,10 @@ def launch(fn, cfg: DictConfig, **kwargs):
     backend = backend_for(cfg)
     threads = torch.get_num_threads()
     per_rank = max(1, threads // ws)  # CPU ranks share the cores instead of oversubscribing them
-    store = dist.TCPStore("127.0.0.1", 0, ws, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+    # the store's own bind takes every interface whatever host it is given: it gets a socket bound to loopback
+    listener = socket.create_server(("127.0.0.1", 0))
+    store = dist.TCPStore("127.0.0.1", listener.getsockname()[1], ws, is_master=True, wait_for_workers=False,
+                          timeout=TIMEOUT, master_listen_fd=listener.detach())
     worker_kw = {"progress": False, **({"resume": kwargs["resume"]} if "resume" in kwargs else {})}
     ctx = mp.start_processes(_worker, args=(fn, OmegaConf.to_yaml(cfg), store.port, backend, ws, per_rank, worker_kw),
                              nprocs=ws - 1, join=False, start_method="spawn")
