@@ -353,9 +353,11 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
     trials = load_trials(study, uri)
     if trials.empty:
         raise ValueError(f"study '{study}' has no trials yet")
-    hist = load_histories(study, uri)
     nfes = _nfes(trials.columns)
     objective = objective or (f"fid/nfe_{nfes[0]}" if nfes else "train/loss")
+    if not _any_finished(trials, objective):  # every trial failed or stopped: a table of what happened, no ranking
+        return failures_page(study, trials, objective)
+    hist = load_histories(study, uri)
     ranking = rank(trials, objective)
     structure = design_structure(trials)  # one factor set for main effects, importance, interactions, labels
     labels = design_labels(trials, structure)
@@ -436,6 +438,42 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
     return page, summary
 
 
+def _any_finished(trials: pd.DataFrame, objective: str) -> bool:
+    """Whether some finished trial has a finite value of ``objective`` (else there is nothing to rank)."""
+    col = objective if objective in trials else f"final/{objective}"
+    if col not in trials:
+        return False
+    ok = pd.to_numeric(trials.loc[trials["status"] == "FINISHED", col], errors="coerce")
+    return bool(np.isfinite(ok).any())
+
+
+def failures_page(study: str, trials: pd.DataFrame, objective: str) -> tuple[str, dict]:
+    """The report of a study no trial of which finished with ``objective``: a table of every trial, its status and
+    why (error, stopped, interrupted), instead of a ranking."""
+    counts = trials["status"].value_counts().to_dict()
+    said = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+    line = (f"no trial finished with {objective} ({len(trials)} trials: {said}): nothing to rank; "
+            f"the table below says what happened to each")
+    cols = [c for c in ("design", "seed", "status", "steps", "error", "stopped", "trial_key") if c in trials]
+    table = trials[cols].copy()
+    for c in ("error", "stopped"):
+        if c in table:
+            table[c] = table[c].fillna("").astype(str).str.slice(0, 300)
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(study) + " report</title>"
+            "<style>body{font-family:sans-serif;margin:2em;max-width:1300px}.tbl{border-collapse:collapse;"
+            "font-size:14px}.tbl td,.tbl th{border:1px solid #ccc;padding:3px 8px;text-align:left}"
+            ".verdict{font-size:1.1em;background:#fbf3f3;border-left:4px solid #d62728;padding:8px 12px}</style>"
+            "</head><body>" + f"<h1>Study {html.escape(study)}</h1>"
+            + f"<p class='verdict'><b>Verdict.</b> {html.escape(line)}</p>"
+            + "<h2>Trials</h2>" + table.to_html(index=False, classes="tbl") + "</body></html>")
+    ranking = pd.DataFrame(columns=["rank", "design", "gmean", "n", "interval", "vs_leader", "fid_se", "noise",
+                                    "seeds", "seed_reason", "failed", "ci_low", "ci_high"])
+    summary = {"objective": objective, "ranking": ranking, "effects": pd.DataFrame(), "figures": [], "paper": None,
+               "verdict": line, "labels": None, "structure": None, "importance": pd.Series(dtype=float),
+               "figs": [], "failures": table}
+    return page, summary
+
+
 def verdict(ranking: pd.DataFrame, effects: pd.DataFrame, labels: pd.Series | None = None,
             imp: pd.Series | None = None, structure: Structure | None = None, ext: str = "") -> str:
     """One line: the leader, its margin to the runner-up (paired ratio with interval) and whether that is
@@ -479,11 +517,14 @@ def verdict(ranking: pd.DataFrame, effects: pd.DataFrame, labels: pd.Series | No
     out += "."
     if effects is not None and len(effects):
         top = effects.iloc[0]
-        out += f" Component that matters most: {top['kind']}"
-        if "aliased" in top and top["aliased"]:
-            f = structure.factor(top["kind"]) if structure is not None else None
-            out += f", aliased with {top['aliased']}" + (" (varied together as the preset)" if f is not None
-                                                          and f.preset else " (varied together)")
+        f = structure.factor(top["kind"]) if structure is not None and "aliased" in top and top["aliased"] else None
+        if f is not None and f.preset:  # a whole-design study: the preset is the factor
+            out += (f" Component that matters most: the preset ({top['kind']}, {top['aliased']} vary together, "
+                    "so their effects cannot be told apart)")
+        else:
+            out += f" Component that matters most: {top['kind']}"
+            if "aliased" in top and top["aliased"]:
+                out += f", aliased with {top['aliased']} (varied together)"
         if imp is not None and len(imp) > 1 and "factor" in top and imp.index[0] != top["factor"]:
             out += f"; fANOVA's variance share puts {imp.index[0]} first"
         out += "."
@@ -556,19 +597,57 @@ def ranking_view(ranking: pd.DataFrame, labels: pd.Series | None = None) -> pd.D
     key = r["design"] if "design" in r else r.iloc[:, 1]
     view = pd.DataFrame({
         "rank": r["rank"], "design": key.map(lambda d: labels.get(d, d)) if labels is not None else key,
-        "FID (geom. mean)": [_num(v) for v in r["gmean"]], "95 % interval": r["interval"],
-        "vs leader (paired ratio, 95 % interval)": r["vs_leader"], "verdict": r["verdict"],
+        "FID (geom. mean)": [_num(v) for v in r["gmean"]], "95 % interval": [v if str(v).startswith("[") else str(v).replace(": too few seeds for an interval",
+                                                                             ": too few seeds") for v in r["interval"]],
+        "vs leader (paired ratio, 95 % interval)": [_vs_leader_cell(row) for row in r.to_dict("records")],
+        "verdict": [_verdict_cell(row) for row in r.to_dict("records")],
         "mean": [_num(v) for v in r["mean"]], "sd over seeds": [_num(v, 3) for v in r["std"]], "n": r["n"]})
     if r["fid_se"].notna().any():
         view["sampling SE"] = [_num(v, 3) for v in r["fid_se"]]
-        view["more seeds or more samples?"] = r["noise"]
+        view["more seeds or more samples?"] = [str(v).replace(" (seed sd only ", " (seed sd ").replace(
+            " sampling SE)", " SE)") for v in r["noise"]]
     view["seeds"] = r["seeds"]
     if (r["seed_reason"].astype(str) != "").any():
-        view["why these seeds"] = r["seed_reason"]
+        short = (lambda text: _relabel(str(text), labels)) if labels is not None else str
+        view["why these seeds"] = [short(v) for v in r["seed_reason"]]
     view["failed"], view["stopped"] = r["failed"], r["stopped"]
     if labels is not None:
         view["slug"] = key
     return view
+
+
+def _vs_leader_cell(row: dict) -> str:
+    """The paired ratio to the leader, compact: '×1.14 [0.816, 1.59]' or '×4.16 (n=2: no interval)'."""
+    if row.get("verdict") == "leader":
+        return "—"
+    n = row.get("n_paired")
+    n = int(n) if n is not None and np.isfinite(n) else 0
+    if not n:
+        return "no shared seed"
+    ratio, lo, hi = row.get("ratio"), row.get("ratio_low"), row.get("ratio_high")
+    if ratio is None or not np.isfinite(ratio):  # objectives ≤ 0: raw differences
+        ratio, lo, hi, fmt = row.get("diff"), row.get("diff_low"), row.get("diff_high"), "{:+.3g}"
+    else:
+        fmt = "×{:.3g}"
+    text = fmt.format(ratio)
+    if lo is not None and np.isfinite(lo) and np.isfinite(hi):
+        return f"{text} [{fmt.format(lo).lstrip('×')}, {fmt.format(hi).lstrip('×')}] (n={n})"
+    return f"{text} (n={n}: no interval)"
+
+
+def _verdict_cell(row: dict) -> str:
+    v = str(row.get("verdict", ""))
+    n = row.get("n_paired")
+    if v == "separable" and n is not None and np.isfinite(n) and 0 < n < MIN_SEEDS:
+        return f"separable (each seed > {SE_MARGIN:g} sampling SE)"
+    return v
+
+
+def _relabel(text: str, labels: pd.Series) -> str:
+    """``text`` with every full design name (slug) replaced by its short label."""
+    for slug, label in sorted(labels.items(), key=lambda kv: -len(str(kv[0]))):
+        text = text.replace(str(slug), str(label))
+    return text
 
 
 def ranking_html(ranking: pd.DataFrame, labels: pd.Series) -> str:
@@ -656,6 +735,12 @@ def terminal_summary(summary: dict, top: int = 6) -> str:
     r = summary["ranking"].head(top)
     labels = summary.get("labels")
     lines = [summary["verdict"]] if summary.get("verdict") else []
+    if summary.get("failures") is not None:  # nothing finished: the trials and why, no ranking
+        for row in summary["failures"].head(3 * top).to_dict("records"):
+            why = row.get("error") or row.get("stopped") or ""
+            lines.append(f"  {row.get('design')} seed {row.get('seed')}: {row.get('status')}"
+                         + (f" — {str(why)[:160]}" if why else ""))
+        return "\n".join(lines)
     lines.append(f"ranking by {summary['objective']} (geometric mean, 95 % interval over seeds; vs #1 paired by seed):")
     for row in r.itertuples():
         iv = (f"[{row.ci_low:.4g}, {row.ci_high:.4g}] n={row.n}" if row.n >= MIN_SEEDS else row.interval)

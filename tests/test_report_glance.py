@@ -128,7 +128,7 @@ def test_verdict_names_leader_margin_and_separability():
     assert v.startswith("Leader: meanflow, FID 12.") and "at 1 NFE (classifier features)" in v
     assert "runner-up meanflow · cosine" in v
     assert re.search(r"at ×1\.\d+ \[1\.\d+, 1\.\d+\] \(paired, n=3\): separable", v)  # ratio, interval, verdict
-    assert "matters most: target, aliased with weighting, guidance, time sampler" in v
+    assert "matters most: the preset (target, weighting, guidance, time sampler vary together" in v
     assert page.index(v.split(":")[0]) < page.index("<h2>Ranking</h2>")  # at the top
     two = report.verdict(report.rank(schedule_vs_target(n_seeds=2), OBJ), pd.DataFrame(),
                          design_labels(schedule_vs_target(n_seeds=2)))
