@@ -276,3 +276,51 @@ register_preset("esc", {
     "guidance": {"name": "meanflow_cfg", "omega": 1.0, "kappa": 0.5},
 }, paper="Lin, Hu et al., On the Design of One-step Diffusion via Shortcutting Flow Paths, ICLR 2026",
    train={"classes_per_batch": 8})  # the reference: a same-class batch per GPU, on 8 GPUs
+
+# The 2026 design space: the same loop, new targets (and guidance as a network input).
+register_preset("imf", {
+    "schedule": {"name": "linear"},
+    # the released code (imf.py): t, r ~ logit-normal(−0.4, 1), sorted; half the rows flow matching
+    "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.5},
+    "target": {"name": "imf", "velocity_head": "aux", "tangent": "predicted"},
+    "weighting": {"name": "adaptive", "p": 1.0, "c": 0.01},  # norm_p = 1, norm_eps = 0.01
+    # ω ∝ 1/ω on [1, 8] (cfg_beta 1, s_max 7), t_min ~ U(0, ½), t_max ~ U(½, 1); sampled at ω = 7.5 on
+    # [0.4, 0.65] (train_config.yml's evaluation); any other scale is a sampling choice
+    "guidance": {"name": "cfg_input", "label_dropout": 0.1, "scale": 7.5, "t_min": 0.4, "t_max": 0.65,
+                 "scale_min": 1.0, "scale_max": 8.0, "power": 1.0, "interval": "uniform",
+                 "unconditional_scale": "drawn"},
+}, paper="Geng, Lu, Wu, Shechtman, Kolter, He, Improved Mean Flows: On the Challenges of Fastforward "
+         "Generative Models, arXiv 2512.02012, 2025")
+
+register_preset("alphaflow", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.75},  # ratio_fm 0.25
+    # alphaflow-sigmoid-latentspace-B-2-cfg-training: α 1 → 0 by a sigmoid (γ = 25) over the whole run
+    # (0 → 1.2M of 1.2M steps, as fractions), clamped to 0 below 0.005 (then MeanFlow's JVP target)
+    "target": {"name": "alphaflow", "anneal": "sigmoid", "anneal_from": 0.0, "anneal_to": 1.0, "gamma": 25.0,
+               "clamp": 0.005},
+    "weighting": {"name": "adaptive", "p": 1.0},
+    "guidance": {"name": "meanflow_cfg", "omega": 1.0, "kappa": 0.5},
+}, paper="Zhang, Siarohin, Menapace, Vasilkovsky, Tulyakov, Qu, Skorokhodov, AlphaFlow: Understanding and "
+         "Improving MeanFlow Models, arXiv 2510.20771, 2025")
+
+register_preset("tvm", {
+    "schedule": {"name": "linear"},
+    # terminal rows: t, r from two logit-normal(−0.4, 1) draws; flow-matching rows: one draw (the code's s')
+    "time_sampler": {"name": "logit_normal", "mean": -0.4, "std": 1.0, "fraction_r_neq_t": 0.5,
+                     "r_eq_t_time": "single"},
+    "target": {"name": "tvm", "jvp_grad": True, "teacher": "ema", "ema": 0.99},  # ema_target_beta 0.99
+    "weighting": {"name": "l2"},
+    # configs/im256_w2.yaml: ω = 2 fed to the network (learn_guidance), u = ω·F_θ (do_scale_param)
+    "guidance": {"name": "cfg_input", "label_dropout": 0.1, "scale": 2.0, "scale_min": 2.0, "scale_max": 2.0,
+                 "unconditional_scale": "one", "scale_output": True},
+}, paper="Zhou, Parger, Haque, Song, Terminal Velocity Matching, arXiv 2511.19797, 2025")
+
+register_preset("split_meanflow", {
+    "schedule": {"name": "linear"},
+    "time_sampler": {"name": "uniform", "fraction_r_neq_t": 0.5},
+    "target": {"name": "split_meanflow", "split": "uniform", "teacher": "online"},
+    "weighting": {"name": "l2"},
+    "guidance": {"name": "cfg"},
+}, paper="Guo, Wang, Yuan et al., SplitMeanFlow: Interval Splitting Consistency in Few-Step Generative "
+         "Modeling, arXiv 2507.16884, 2025")

@@ -128,14 +128,17 @@ def sampling_mode(c: Components) -> str:
 @torch.no_grad()
 def sample(net, guidance, noise: Tensor, nfe: int, y: Tensor, *, null_label: int,
            average_velocity: bool = True, cfg_scale: float | None = None, mode: str | None = None,
-           schedule=None, generator: torch.Generator | None = None) -> Tensor:
+           schedule=None, generator: torch.Generator | None = None,
+           cfg_interval: tuple[float, float] | None = None) -> Tensor:
     """Walk 1 = t_0 > … > t_N = 0 uniformly; one step: x = ε − u_θ(ε, 0, 1).
 
     - ``flow_map``: z ← z − (t_i − t_{i+1})·u_θ(z, t_{i+1}, t_i);
     - ``euler`` (models that only learned the instantaneous velocity): u_θ(z, t_i, t_i);
     - ``consistency`` (multistep consistency sampling, Song et al. 2023, Alg. 1): x̂ = z − t_i·u_θ(z, 0, t_i),
       then z ← α(t_{i+1})·x̂ + σ(t_{i+1})·ε' with fresh noise ε' from ``generator``.
-    ``mode`` defaults to flow_map or euler by ``average_velocity``.
+    ``mode`` defaults to flow_map or euler by ``average_velocity``. ``cfg_scale`` (None: the guidance's
+    default) and ``cfg_interval`` = (t_min, t_max) (None: the guidance's default) choose the guidance at
+    sampling time: a CFG scale, or the scale fed to a network trained with it as an input (``cfg_input``).
     """
     if nfe < 1:
         raise ValueError(f"nfe must be ≥ 1, got {nfe}")
@@ -143,18 +146,19 @@ def sample(net, guidance, noise: Tensor, nfe: int, y: Tensor, *, null_label: int
     if mode == "consistency" and schedule is None:
         raise ValueError("consistency sampling needs the schedule")
     z, b = noise, noise.shape[0]
+    extra = {} if cfg_interval is None else {"interval": tuple(cfg_interval)}  # older plugins lack the keyword
     grid = torch.linspace(1.0, 0.0, nfe + 1, device=noise.device)
     for i in range(nfe):
         t_cur, t_next = grid[i].expand(b), grid[i + 1].expand(b)
         if mode == "consistency":
             x = z - grid[i] * guidance.sample_velocity(net, z, torch.zeros_like(t_cur), t_cur, y, null_label,
-                                                       cfg_scale).to(z.dtype)
+                                                       cfg_scale, **extra).to(z.dtype)
             if i == nfe - 1:
                 return x
             eps = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
             z = schedule.noise(x, eps, t_next)
             continue
         r = t_next if mode == "flow_map" else t_cur
-        u = guidance.sample_velocity(net, z, r, t_cur, y, null_label, cfg_scale)
+        u = guidance.sample_velocity(net, z, r, t_cur, y, null_label, cfg_scale, **extra)
         z = z - (grid[i] - grid[i + 1]) * u.to(z.dtype)
     return z
