@@ -95,7 +95,13 @@ class ResidentLoader:
         return k
 
     def indices(self) -> Tensor:
-        """(batch_size,) row indices on the data's device."""
+        """(batch_size,) row indices on the data's device.
+
+        Drawn on the CPU generator (checkpointed), copied to a GPU through pinned memory without
+        blocking (``ablate.gpu.to_device``): no host sync per batch.
+        """
+        from ablate.gpu import to_device
+
         n, dev = len(self.data.x), self.data.x.device
         k = self.classes_per_batch
         if k:
@@ -104,8 +110,8 @@ class ResidentLoader:
             size = self.counts[classes]
             u = torch.rand((k, m), generator=self.generator, dtype=torch.float64)
             pos = torch.minimum((u * size[:, None]).long(), size[:, None] - 1)  # uniform in 0..size−1
-            return self.order[(self.starts[classes][:, None] + pos).reshape(-1).to(dev)]
-        return torch.randint(n, (self.batch_size,), generator=self.generator).to(dev)
+            return self.order[to_device((self.starts[classes][:, None] + pos).reshape(-1), dev)]
+        return to_device(torch.randint(n, (self.batch_size,), generator=self.generator), dev)
 
     def next(self) -> tuple[Tensor, Tensor]:
         idx = self.indices()
@@ -226,8 +232,47 @@ def image_folder(path: str = "", size: int = 32, *, device="cpu") -> Data:
 
 @DATASET.register("cifar10")
 def cifar10(path: str = "~/data/cifar-10-batches-py", *, device="cpu") -> Data:
-    """CIFAR-10 from the python pickles at ``path`` (data_batch_1..5, test_batch); never downloads."""
+    """CIFAR-10 from the python pickles at ``path`` (data_batch_1..5, test_batch); never downloads.
+
+    The batches are pickles, and unpickling runs whatever a file names: they are read with an unpickler that
+    builds numpy arrays and plain containers only (what the official files hold) and refuses anything else.
+    """
+    import codecs
+
     root = _need_dir(path, "cifar10")
+    try:
+        from numpy._core import multiarray as _ma, numeric as _nu
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray as _ma, numeric as _nu
+
+    def latin1(text, encoding="latin1", errors="strict"):  # protocol-2 pickles write bytes as _codecs.encode
+        if encoding.lower().replace("-", "") != "latin1" or not isinstance(text, str):
+            raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+        return codecs.encode(text, "latin1", errors)
+
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): latin1}
+    for mod in ("numpy.core", "numpy._core"):
+        allowed[(f"{mod}.multiarray", "_reconstruct")] = _ma._reconstruct  # ndarray.__reduce__ (protocols 2-4)
+        allowed[(f"{mod}.multiarray", "scalar")] = _ma.scalar  # numpy integer labels
+        if hasattr(_nu, "_frombuffer"):
+            allowed[(f"{mod}.numeric", "_frombuffer")] = _nu._frombuffer  # ndarray.__reduce_ex__(5)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) in allowed:
+                return allowed[(module, name)]
+            raise DataError(f"cifar10: '{self.file_name}' wants to load {module}.{name}, which a CIFAR-10 batch "
+                            f"never holds: refused (a pickle can run code; only numpy arrays, lists and dicts are "
+                            f"read)")
+
+        def persistent_load(self, pid):
+            raise DataError(f"cifar10: '{self.file_name}' holds a persistent reference: refused")
+
+    def field(d, key, f):
+        for k in (key, key.encode()):  # str keys (read with latin1, as written by Python 2) or bytes keys
+            if k in d:
+                return d[k]
+        raise DataError(f"cifar10: '{f}' has no '{key}' entry; not a CIFAR-10 python batch")
 
     def load(names):
         xs, ys = [], []
@@ -236,9 +281,27 @@ def cifar10(path: str = "~/data/cifar-10-batches-py", *, device="cpu") -> Data:
             if not f.is_file():
                 raise DataError(f"cifar10: missing file '{f}'")
             with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="latin1")  # the official CIFAR format is a pickle of arrays
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.extend(d["labels"])
+                u = Unpickler(fh, encoding="latin1")
+                u.file_name = str(f)
+                try:
+                    d = u.load()
+                except DataError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - truncated or not a pickle
+                    raise DataError(f"cifar10: cannot read '{f}': {type(exc).__name__}: {exc}") from None
+            if not isinstance(d, dict):
+                raise DataError(f"cifar10: '{f}' holds a {type(d).__name__}, not a CIFAR-10 batch (a dict)")
+            data, labels = field(d, "data", f), field(d, "labels", f)
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                    and data.shape[1] == 3 * 32 * 32):
+                raise DataError(f"cifar10: '{f}': data must be a uint8 array (N, 3072), got "
+                                f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+            labels = list(labels) if isinstance(labels, (list, tuple, np.ndarray)) else None
+            if (labels is None or len(labels) != len(data)
+                    or not all(isinstance(v, (int, np.integer)) and 0 <= v < 10 for v in labels)):
+                raise DataError(f"cifar10: '{f}': labels must be {len(data)} integers in 0..9")
+            xs.append(data.reshape(-1, 3, 32, 32))
+            ys.extend(int(v) for v in labels)
         return np.concatenate(xs) / 255.0, np.asarray(ys)
 
     x, y = load([f"data_batch_{i}" for i in range(1, 6)])

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ablate.data import Data, DataError, ResidentLoader, _need_dir
+from ablate.gpu import to_device
 from components.registry import DATASET
 
 LATENT_META = "meta.json"  # written by ``python -m ablate.encode`` next to its shards
@@ -220,7 +221,7 @@ class ShardStream:
         idx = ((self.starts[classes] + self.taken[classes])[:, None] + torch.arange(m)).reshape(-1)
         self.taken[classes] += m
         self.added = 0
-        return self.x[idx].to(self.device), self.y[idx].to(self.device)
+        return to_device(self.x[idx], self.device), to_device(self.y[idx], self.device)  # pinned, non-blocking
 
     def next(self) -> tuple[Tensor, Tensor]:
         if self.classes_per_batch:
@@ -229,7 +230,7 @@ class ShardStream:
             self._refill()
         sl = slice(self.pos, self.pos + self.batch_size)
         self.pos += self.batch_size
-        return self.x[sl].to(self.device), self.y[sl].to(self.device)
+        return to_device(self.x[sl], self.device), to_device(self.y[sl], self.device)  # pinned, non-blocking
 
     def close(self) -> None:
         if getattr(self, "pool", None) is not None:

@@ -35,9 +35,20 @@ class Dyadic:
             raise ValueError(f"bootstrap_fraction must be in [0, 1], got {bootstrap_fraction}")
         self.base_steps, self.levels, self.bootstrap_fraction = base_steps, int(levels), bootstrap_fraction
 
+    def bootstrap_rows(self, n: int) -> int:
+        """The rows of a batch of n with a bootstrap step d ≥ 2/N: always the first ones, this many (a
+        host-side count, so a target can slice them without looking at the times)."""
+        return int(round(self.bootstrap_fraction * n))
+
+    def smallest_step_rows(self, n: int) -> tuple[int, int]:
+        """Bounds (lo, hi) on how many bootstrap rows of a batch of n have the smallest bootstrap step 2/N:
+        the levels take the bootstrap rows in turn from a random first level."""
+        k = self.bootstrap_rows(n)
+        return k // self.levels, -(-k // self.levels)
+
     def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
-        n_boot = int(round(self.bootstrap_fraction * n))
-        offset = int(torch.randint(self.levels, (1,), generator=generator, device=device))
+        n_boot = self.bootstrap_rows(n)
+        offset = torch.randint(self.levels, (1,), generator=generator, device=device)  # stays on the device
         level = (torch.arange(n_boot, device=device) + offset) % self.levels + 1  # 1..k ⇒ d = 2^level / N
         exponent = torch.cat([level, torch.zeros(n - n_boot, dtype=level.dtype, device=device)])
         sections = self.base_steps // (2 ** exponent)  # number of steps of size d in [0, 1]
@@ -102,6 +113,7 @@ class Discrete:
         self.curriculum, self.s0, self.s1 = curriculum, s0, s1
         self.stage_steps = max(1, int(train_steps // (math.log2(s1 // s0) + 1))) if curriculum == "doubling" else 0
         self._grids: dict[int, tuple[Tensor, Tensor]] = {}
+        self._on_device: dict[tuple, tuple[Tensor, Tensor]] = {}  # (steps, device, dtype) -> copies made once
         self.steps = steps
         self.grid, self.probs = self.levels(steps)
 
@@ -124,15 +136,24 @@ class Discrete:
             self._grids[steps] = (grid, probs)
         return self._grids[steps]
 
+    def on_device(self, steps: int, device, dtype=None) -> tuple[Tensor, Tensor]:
+        """(grid, probabilities) of ``steps`` levels on ``device`` (grid in ``dtype``), copied there once."""
+        device = torch.device(device)
+        key = (steps, device, dtype)
+        if key not in self._on_device:
+            grid, probs = self.levels(steps)
+            self._on_device[key] = (grid.to(device=device, dtype=dtype or grid.dtype), probs.to(device))
+        return self._on_device[key]
+
     def __call__(self, n: int, *, step: int = 0, generator=None, device="cpu") -> tuple[Tensor, Tensor]:
-        grid, probs = self.levels(self.steps_at(step))
-        i = torch.multinomial(probs.to(device), n, replacement=True, generator=generator)
-        t = grid.to(device)[i + 1]
+        grid, probs = self.on_device(self.steps_at(step), device)
+        i = torch.multinomial(probs, n, replacement=True, generator=generator)
+        t = grid[i + 1]
         return t, torch.zeros_like(t)
 
     def previous(self, t: Tensor, step: int = 0) -> Tensor:
         """The largest grid time below t on the grid of training ``step`` (0 below its first point: the data end)."""
-        grid = self.levels(self.steps_at(step))[0].to(device=t.device, dtype=t.dtype)
+        grid = self.on_device(self.steps_at(step), t.device, t.dtype)[0]
         idx = torch.searchsorted(grid, t.contiguous(), right=False) - 1
         return torch.where(idx >= 0, grid[idx.clamp_min(0)], torch.zeros_like(t))
 

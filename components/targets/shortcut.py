@@ -64,10 +64,19 @@ class Shortcut(Target):
         boot = d > (1.0 + 1e-4) / self.base_steps
         y = torch.where(boot, pb.labels, pb.y) if self.bootstrap_labels == "real" else pb.y
         target = self.velocity(nets, pb)
-        if bool(boot.any()):
+        n = len(pb.t)
+        k = _bootstrap_rows(pb.time_sampler, n)
+        if k is None:  # times from elsewhere: find the bootstrap rows (one host sync, the count)
             idx = boot.nonzero().squeeze(1)
-            target = target.clone()
-            target[idx] = self.bootstrap(nets, pb.z[idx], pb.r[idx], pb.t[idx], y[idx], pb.null_label).to(target.dtype)
+            if len(idx):
+                target = target.clone()
+                target[idx] = self.bootstrap(nets, pb.z[idx], pb.r[idx], pb.t[idx], y[idx], pb.null_label,
+                                             bounds=(0, len(idx))).to(target.dtype)
+        elif k:  # the dyadic sampler's first k rows: static shapes, no host sync (torch.where keeps any other row)
+            u = self.bootstrap(nets, pb.z[:k], pb.r[:k], pb.t[:k], y[:k], pb.null_label,
+                               bounds=_smallest_step_rows(pb.time_sampler, n)).to(target.dtype)
+            head = torch.where(_bc(boot[:k], u), u, target[:k])
+            target = torch.cat([head, target[k:]]) if k < n else head
         pred = nets.model(pb.z, pb.r, pb.t, y)
         return TargetOutput(pred, target.detach(), pb.t, pb.r)
 
@@ -78,20 +87,36 @@ class Shortcut(Target):
         return ((t - r) * self.base_steps - 2.0).abs() < 0.5
 
     @torch.no_grad()
-    def bootstrap(self, nets, z, r, t, y, null_label):
+    def bootstrap(self, nets, z, r, t, y, null_label, bounds: tuple[int, int] | None = None):
+        """The bootstrap target of rows (z, r, t, y). ``bounds`` = (lo, hi): how many of them at least and at
+        most get the teacher's CFG (:meth:`guided_rows`; default 0 and all), which keeps every shape static."""
         teacher = self.teacher(nets)
-        guided = self.guided_rows(t, r) if self.bootstrap_cfg != 1.0 else torch.zeros_like(t, dtype=torch.bool)
+        n = len(t)
+        if self.bootstrap_cfg == 1.0:  # decided on the host: no guided rows
+            return self._two_halves(lambda z_, r_, t_: teacher(z_, r_, t_, y), z, r, t)
+        if self.bootstrap_cfg_rows == "all":
+            return self._two_halves(lambda z_, r_, t_: cfg_combine(teacher, z_, r_, t_, y, null_label,
+                                                                   self.bootstrap_cfg), z, r, t)
+        guided = self.guided_rows(t, r)
+        lo, hi = bounds if bounds is not None else (0, n)
+        # the guided rows first, in row order (as nonzero() lists them), then the others: the first hi rows
+        # hold every guided row, the rows from lo on every unguided one
+        order = torch.argsort((~guided).to(torch.uint8), stable=True)
+        first, rest = order[:hi], order[lo:]
+        keep = _bc(guided[first], z)
 
         def query(z_, r_, t_):
-            if not bool(guided.any()):
-                return teacher(z_, r_, t_, y)
             u = torch.empty_like(z_)
-            for rows, scale in ((guided, self.bootstrap_cfg), (~guided, 1.0)):
-                if bool(rows.any()):
-                    i = rows.nonzero().squeeze(1)
-                    u[i] = cfg_combine(teacher, z_[i], r_[i], t_[i], y[i], null_label, scale).to(u.dtype)
+            u[rest] = teacher(z_[rest], r_[rest], t_[rest], y[rest]).to(u.dtype)
+            g = cfg_combine(teacher, z_[first], r_[first], t_[first], y[first], null_label,
+                            self.bootstrap_cfg).to(u.dtype)
+            u[first] = torch.where(keep, g, u[first])
             return u
 
+        return self._two_halves(query, z, r, t)
+
+    def _two_halves(self, query, z, r, t):
+        """½[u(z_t, s, t) + u(z_s, r, s)], s the half-way time, z_s = z_t − (t − s)·u(z_t, s, t) (clipped)."""
         s = 0.5 * (t + r)
         u1 = query(z, s, t)
         z_s = z - _bc(t - s, z) * u1
@@ -100,3 +125,16 @@ class Shortcut(Target):
         u2 = query(z_s, r, s)
         u = 0.5 * (u1 + u2)
         return u.clamp(-self.clip, self.clip) if self.clip > 0 else u
+
+
+def _bootstrap_rows(sampler, n: int) -> int | None:
+    """How many leading rows of a batch of n are the bootstrap rows, as the time sampler lays them out
+    (the dyadic sampler: a host-side count); None: the sampler does not say."""
+    count = getattr(sampler, "bootstrap_rows", None)
+    return int(count(n)) if callable(count) else None
+
+
+def _smallest_step_rows(sampler, n: int) -> tuple[int, int] | None:
+    """The sampler's bounds on how many bootstrap rows have the smallest bootstrap step (None: not known)."""
+    bounds = getattr(sampler, "smallest_step_rows", None)
+    return tuple(int(b) for b in bounds(n)) if callable(bounds) else None
