@@ -13,6 +13,15 @@ the statistics and distances come from torch-fidelity too. Ours only decide
   Serves any labelled image dataset (digits by default).
 - ``raw``: the coordinates themselves (2-D toys): the Fréchet distance between
   Gaussians fitted to the points, exact for Gaussian data.
+- ``dinov2``: the CLS token (1024-d) of timm's DINOv2 ViT-L/14
+  (``vit_large_patch14_dinov2.lvd142m``), built with ``pretrained=False`` and
+  loaded from a local weights file only; the Fréchet distance on these features
+  is FD-DINOv2 (Stein et al., NeurIPS 2023). Default file:
+  ``$TORCH_HOME/hub/checkpoints/vit_large_patch14_dinov2.lvd142m.pth`` (i.e.
+  ``torch.hub.get_dir()/checkpoints``), else ``eval.extractor.weights=PATH``
+  (a ``.pth`` state dict, timm's or the original facebookresearch/dinov2 one,
+  or a ``.safetensors`` file). Preprocessing as DINOv2 expects: uint8 → [0, 1],
+  resize to 224×224 bicubic (antialiased), ImageNet mean/std.
 
 Images enter every extractor as 8-bit (N, C, H, W) tensors, i.e. exactly what
 a saved PNG would hold; vectors enter as float.
@@ -36,6 +45,14 @@ from components.registry import Registry
 
 FEATURE_EXTRACTOR = Registry("feature_extractor", facts=("data", "cache_dir"))
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the name torch-fidelity's download would use
+DINOV2_MODEL = "vit_large_patch14_dinov2.lvd142m"  # timm's name of the FD-DINOv2 network (ViT-L/14)
+DINOV2_FILE = f"{DINOV2_MODEL}.pth"  # its default file under torch.hub.get_dir()/checkpoints
+DINOV2_SIZE = 224  # the resolution FD-DINOv2 feeds the network (16×16 patches of 14 pixels)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RESIZE = {  # what each torch-fidelity extractor does to the uint8 images before its network (provenance)
+    "inception-v3-compat": "grey→RGB; 299×299 bilinear inside torch-fidelity's inception-v3-compat",
+    "ablate-dinov2": f"grey→RGB; {DINOV2_SIZE}×{DINOV2_SIZE} bicubic (antialiased), ImageNet mean/std",
+}
 
 
 class FeatureError(ValueError):
@@ -129,7 +146,85 @@ class ClassifierFeatures(FeatureExtractorBase):
         return tuple(out[f] for f in self.features_list)
 
 
-for _name, _cls in (("ablate-raw", RawFeatures), ("ablate-classifier", ClassifierFeatures)):
+def load_state_file(path: str | os.PathLike) -> dict:
+    """A plain tensor state dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a plain state dict"
+        raise FeatureError(f"'{path}' is not a plain tensor state dict ({exc})") from exc
+    for key in ("state_dict", "model"):  # checkpoints that wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise FeatureError(f"'{path}' does not hold a state dict")
+    return state
+
+
+class DINOv2Features(FeatureExtractorBase):
+    """timm's DINOv2 ViT (``pretrained=False``) loaded from a local file; features: the final-norm CLS token.
+
+    Input: uint8 (N, 3, H, W); → [0, 1] → ``DINOV2_SIZE``² bicubic (antialiased) → ImageNet mean/std. The
+    network keeps its checkpoint's position grid (518² for lvd142m) and interpolates it to 224² per call
+    (``dynamic_img_size``), as DINOv2's own ``interpolate_pos_encoding`` does.
+    """
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, model_name=DINOV2_MODEL,
+                 model_kwargs=None, **kwargs):
+        super().__init__(name, features_list)
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if feature_extractor_weights_path is None:
+            raise FeatureError("the dinov2 extractor needs feature_extractor_weights_path")
+        with torch.random.fork_rng(devices=[]):  # building must not move the caller's global RNG
+            self.net = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True,
+                                         **dict(model_kwargs or {}))
+        state = load_state_file(feature_extractor_weights_path)
+        state = checkpoint_filter_fn(state, self.net)  # original dinov2 keys → timm's; resamples pos_embed
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise FeatureError(f"'{feature_extractor_weights_path}' does not fit {model_name}: missing "
+                               f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("cls",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "cls"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        if x.dtype != torch.uint8:
+            raise FeatureError(f"dinov2 features take uint8 images, got {x.dtype}")
+        x = x.float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != (DINOV2_SIZE, DINOV2_SIZE):
+            x = nn.functional.interpolate(x, size=(DINOV2_SIZE, DINOV2_SIZE), mode="bicubic", align_corners=False,
+                                          antialias=True).clamp(0, 1)
+        return (x - self.mean) / self.std
+
+    def forward(self, x):
+        tokens = self.net.forward_features(self.preprocess(x))
+        return (tokens[:, 0].double(),)  # the CLS token after the final norm (float64: exact statistics)
+
+
+for _name, _cls in (("ablate-raw", RawFeatures), ("ablate-classifier", ClassifierFeatures),
+                    ("ablate-dinov2", DINOv2Features)):
     if _name not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(_name, _cls)
 
@@ -144,6 +239,7 @@ class Extractor:
     input: str  # "uint8" (images) or "float" (vectors)
     provenance: dict
     fidelity_kwargs: dict = field(default_factory=dict)
+    resize: str = "none"  # what happens to the images between uint8 and the network (provenance)
     _module: FeatureExtractorBase | None = None
 
     @property
@@ -163,7 +259,7 @@ class Extractor:
             if x.dim() != 4:
                 raise FeatureError(f"{self.provenance['name']} features need images (N, C, H, W), got {tuple(x.shape)}")
             x = to_uint8(x)
-            if self.fidelity_name == "inception-v3-compat" and x.shape[1] != 3:
+            if self.fidelity_name in ("inception-v3-compat", "ablate-dinov2") and x.shape[1] != 3:
                 x = x[:, :1].expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
         mod = self.module(x.device)
         return torch.cat([mod(x[i:i + batch_size])[0].cpu() for i in range(0, len(x), batch_size)])
@@ -189,7 +285,32 @@ def inception(weights: str = "", *, data=None, cache_dir=None) -> Extractor:
         raise FeatureError(f"'{path}' is not a plain tensor state dict ({exc})") from exc
     return Extractor("inception-v3-compat", "2048", "uint8",
                      {"name": "inception", "file": path.name, "sha": _file_sha(path)},
-                     {"feature_extractor_weights_path": str(path)})
+                     {"feature_extractor_weights_path": str(path)}, resize=RESIZE["inception-v3-compat"])
+
+
+@FEATURE_EXTRACTOR.register("dinov2")
+def dinov2(weights: str = "", model: str = DINOV2_MODEL, model_kwargs: dict | None = None, *, data=None,
+           cache_dir=None) -> Extractor:
+    """FD-DINOv2's features: the CLS token (1024-d) of DINOv2 ViT-L/14 from a local weights file.
+
+    ``weights``: the file (default ``torch.hub.get_dir()/checkpoints/<model>.pth``, i.e. under
+    $TORCH_HOME/hub/checkpoints); ``model``: the timm architecture and ``model_kwargs`` overrides of it
+    (the tests use a one-block ViT-S/14)."""
+    default = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pth"
+    path = Path(weights).expanduser() if weights else default
+    if not path.is_file():
+        raise FeatureError(
+            f"DINOv2 weights not found at '{path}' and nothing is downloaded here. Put the state dict of timm's "
+            f"'{model}' (or facebookresearch/dinov2's dinov2_vitl14_pretrain.pth) there as '{default}' (or set "
+            f"eval.extractor.weights=PATH / eval.fd_dinov2.weights=PATH), or use another eval.extractor")
+    load_state_file(path)  # a plain tensor file, checked before anything is recorded
+    kw = dict(model_kwargs or {})
+    prov = {"name": "dinov2", "model": model, "file": path.name, "sha": _file_sha(path)}
+    if kw:
+        prov["model_kwargs"] = kw
+    return Extractor("ablate-dinov2", "cls", "uint8", prov,
+                     {"feature_extractor_weights_path": str(path), "model_name": model, "model_kwargs": kw},
+                     resize=RESIZE["ablate-dinov2"])
 
 
 @FEATURE_EXTRACTOR.register("classifier")

@@ -9,6 +9,11 @@ Writes into the run folder: ``design.json``, ``config.yaml``, ``checkpoint.pt``
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # --help is answered before torch loads (the imports below take seconds)
+    from ablate.cli import early_help, parser as _help_parser
+
+    early_help(_help_parser, "python -m ablate.train", "", __doc__)
+
 import copy
 import json
 import math
@@ -56,8 +61,10 @@ class Run:
             return self.emas[float(self.cfg.train.ema)]
         return self.model
 
-    def generate(self, n: int, nfe: int, *, seed: int = 0, cfg_scale=None, model=None, labels=None) -> torch.Tensor:
-        """n samples at ``nfe`` steps (class labels cycle through 0..K−1 unless given)."""
+    def generate(self, n: int, nfe: int, *, seed: int = 0, cfg_scale=None, model=None, labels=None,
+                 cfg_interval=None) -> torch.Tensor:
+        """n samples at ``nfe`` steps (class labels cycle through 0..K−1 unless given); ``cfg_scale`` /
+        ``cfg_interval`` ((t_min, t_max)): the guidance at sampling (None: the design's default)."""
         g = torch.Generator(self.device).manual_seed(seed)
         noise = torch.randn((n, *self.data.shape), generator=g, device=self.device)
         k = self.data.num_classes
@@ -66,7 +73,8 @@ class Run:
         net = model or self.eval_model
         with self.autocast():
             x = sample(net, self.comps.guidance, noise, nfe, y, null_label=self.data.null_label, cfg_scale=cfg_scale,
-                       mode=sampling_mode(self.comps), schedule=self.comps.schedule, generator=g)
+                       mode=sampling_mode(self.comps), schedule=self.comps.schedule, generator=g,
+                       cfg_interval=None if cfg_interval is None else tuple(float(v) for v in cfg_interval))
         return x.float()
 
     def autocast(self):
@@ -75,8 +83,12 @@ class Run:
 
 
 def pick_device(spec: str) -> torch.device:
+    """``auto``: CUDA when a GPU is visible to this process, else the CPU (a zero-GPU Ray trial hides the
+    GPUs with ``CUDA_VISIBLE_DEVICES=""`` and sets ``train.device=cpu``: ablate/gpu.py)."""
+    from ablate.gpu import auto_device
+
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return auto_device()
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={spec} but CUDA is not available")
@@ -92,6 +104,9 @@ def default_out_dir(cfg: DictConfig, design: Design) -> Path:
 def setup(cfg: DictConfig) -> Run:
     """Load data, resolve and build the design, create EMAs. Validates before building anything."""
     device = pick_device(cfg.train.device)
+    from ablate.gpu import configure_device
+
+    configure_device(device)  # before anything is on the GPU: allocator settings, a fractional trial's share
     data = load_data(OmegaConf.to_container(cfg.data, resolve=True), device=device)
     design = resolve_design(OmegaConf.to_container(cfg.design, resolve=True), data.default_backbone())
     from ablate.data import ResidentLoader
@@ -142,13 +157,22 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: write a temporary file, fsync, rename over the old checkpoint."""
+    """Atomic: write a temporary file, fsync, rename over the old checkpoint, fsync the folder (the rename
+    itself survives a power cut). Until the rename the previous checkpoint is the one on disk."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as fh:
         torch.save(state, fh)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        except OSError:  # some filesystems cannot fsync a folder
+            pass
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -218,16 +242,24 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
     nets = Nets(model=net, teacher=run.emas[float(teacher_rate)] if teacher_rate is not None else net,
                 guidance=run.comps.guidance)
 
-    def checkpoint():
+    from ablate.checkpointing import Checkpointer
+
+    # every train.ckpt_every steps and/or train.ckpt_every_s seconds; written in the background (ablate/checkpointing.py)
+    ckpt = Checkpointer(ckpt_path, save_checkpoint, rep.checkpoint, every_steps=int(tc.ckpt_every or 0),
+                        every_s=float(tc.get("ckpt_every_s") or 0), total_steps=int(tc.steps))
+
+    def checkpoint(wait: bool = False):
+        """Snapshot the state on the CPU and write it in the background (one write at a time); ``wait``: until
+        it is on disk and reported (before an evaluation, and at the end)."""
         if not main:  # DDP hook: rank 0 writes
             return
-        save_checkpoint(ckpt_path, {
+        ckpt.save({
             "step": run.step, "design_id": run.design.design_id, "design_json": run.design.to_json(),
             "config_yaml": OmegaConf.to_yaml(cfg), "model": run.model.state_dict(),
             "weighting": run.comps.weighting.state_dict(),
             "emas": {str(k): v.state_dict() for k, v in run.emas.items()},
-            "optimizer": opt.state_dict(), "data_gen": data_gen.get_state()})  # noise streams: stateless per step
-        rep.checkpoint(ckpt_path, run.step)
+            "optimizer": opt.state_dict(), "data_gen": data_gen.get_state()},  # noise streams: stateless per step
+            run.step, wait=wait)
 
     every = int(cfg.eval.every) if evaluator is not None else 0
     if every and resume_step and resume_step % every == 0 and last_eval[0] != resume_step:
@@ -281,21 +313,33 @@ def train(cfg: DictConfig, reporter: Reporter | None = None, progress: bool = Tr
                 acc_mse.zero_()
                 n_acc, t_log = 0, now
             if evaluator is not None and int(cfg.eval.every) and run.step % int(cfg.eval.every) == 0:
-                checkpoint()  # first: an evaluation is always of a state that a resume can reach
+                checkpoint(wait=True)  # first: an evaluation is always of a state that a resume can reach
                 evaluate()
-            elif tc.ckpt_every and run.step % int(tc.ckpt_every) == 0 and run.step < steps:
+            elif ckpt.due(run.step):  # by steps or wall clock, before the last step (also reports a finished write)
                 checkpoint()
             if on_eval is not None:
                 on_eval(run, rep)
+    except BaseException:
+        ckpt.close()  # a write in flight completes: the newest finished checkpoint survives the error
+        raise
     finally:
         bar.close()
-    checkpoint()
+    checkpoint(wait=True)
     if evaluator is not None and cfg.eval.at_end and last_eval[0] != run.step:
         evaluate()
+    from ablate.evaluation import _plain, cfg_interval, cfg_scales, scale_tag, training_cost
+
+    if main:  # compute of this trial (ranking at equal compute); device hours of this process's training time
+        rep.metrics(run.step, training_cost(run, t_train, ws), kind="cost")
+
+    interval = cfg_interval(_plain(cfg.sample.get("cfg_interval")))
+    scales = cfg_scales(_plain(cfg.sample.cfg_scale))  # a list: one grid per scale (the first keeps nfe_N.png)
     for nfe in cfg.sample.nfe if main else []:  # DDP hook: rank 0 writes the grids
-        x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=cfg.sample.cfg_scale)
-        ref = run.data.x[: 2000] if x.dim() == 2 else None
-        rep.artifact(save_samples(x, out / "samples" / f"nfe_{nfe}.png", ref), "samples")
+        for si, scale in enumerate(scales):
+            x = run.generate(int(cfg.sample.num), int(nfe), cfg_scale=scale, cfg_interval=interval)
+            ref = run.data.x[: 2000] if x.dim() == 2 else None
+            name = f"nfe_{nfe}{scale_tag(scale) if si else ''}.png"
+            rep.artifact(save_samples(x, out / "samples" / name, ref), "samples")
     rep.close()
     return run
 
@@ -321,13 +365,21 @@ def _evaluated_at(out: Path, step: int) -> bool:
 def main(argv: list[str] | None = None) -> int:
     from ablate.cli import run_cli
 
-    return run_cli(_main, argv, prog="python -m ablate.train")
+    return run_cli(_main, argv, prog="python -m ablate.train", make_parser=make_parser)
+
+
+def make_parser(prog: str):
+    """The arguments, this module's docstring and the presets (ablate/cli.py; also answers --help early)."""
+    from ablate.cli import parser
+
+    return parser(prog, doc=__doc__)
 
 
 def _main(args) -> int:
-    from ablate.config import compose
+    from ablate.config import compose, validate
 
     cfg, source = compose(args.target, args.overrides)
+    validate(cfg, source)  # value ranges: one message per bad key, exit 2, before anything is built
     if args.dry_run:
         run_cfg = OmegaConf.to_container(cfg, resolve=True)
         from ablate.data import load_data as _ld

@@ -23,6 +23,7 @@ from dashboards.paper import MIN_PRESETS, SOURCE, compare_to_paper
 from dashboards.tables import (MIN_SEEDS, SE_MARGIN, Structure, design_labels, design_structure, importance,
                                interactions, load_histories, load_trials, main_effects, nested_effects, rank,
                                too_few)
+from dashboards.tables import add_cost_columns
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
           "#17becf"]
@@ -252,8 +253,9 @@ def fig_pareto(trials: pd.DataFrame, style: Styles | None = None) -> go.Figure:
     ok = trials[trials["status"] == "FINISHED"]
     nfes = _nfes(ok.columns)
     lo, hi = (nfes[0], nfes[-1]) if nfes else (1, 1)
+    cost_col, unit, what = _pareto_cost(ok)
     g = ok.groupby("design").agg(few=(f"final/fid/nfe_{lo}", "mean"), many=(f"final/fid/nfe_{hi}", "mean"),
-                                 cost=("wall_s", "mean"))
+                                 cost=(cost_col, "mean"))
     top = max(float(g["cost"].max()), 1e-9) if len(g) else 1.0
 
     def size(c):
@@ -268,28 +270,89 @@ def fig_pareto(trials: pd.DataFrame, style: Styles | None = None) -> go.Figure:
                                  legendgrouptitle_text="design",
                                  customdata=[style.slugs.get(design, design)],
                                  hovertemplate=style.hover(design, f"<br>FID {lo} NFE %{{x:.4g}}, {hi} NFE %{{y:.4g}}"
-                                                                   f"<br>wall {r['cost']:.0f} s per trial")))
+                                                                   f"<br>{what} {r['cost']:.4g} {unit} per trial")))
     costs = sorted({float(f"{c:.2g}") for c in np.quantile(g["cost"].dropna(), [0.0, 0.5, 1.0])}) \
         if g["cost"].notna().any() else []
     if costs:  # the key for marker size, drawn at true size on its own small axes below the legend
         fig.add_trace(go.Scatter(x=[0] * len(costs), y=list(range(len(costs))), mode="markers+text",
-                                 name="marker size: wall time per trial", showlegend=False, hoverinfo="skip",
-                                 text=[f"  {c:g} s" for c in costs], textposition="middle right",
+                                 name=f"marker size: {what} per trial", showlegend=False, hoverinfo="skip",
+                                 text=[f"  {c:g} {unit}" for c in costs], textposition="middle right",
                                  marker=dict(size=[size(c) for c in costs], color="rgba(150,150,150,0.5)",
                                              line=dict(color="#666", width=1)), xaxis="x2", yaxis="y2",
                                  cliponaxis=False))
         fig.update_layout(xaxis2=dict(domain=[0.84, 1.0], range=[-0.5, 3], visible=False, fixedrange=True),
                           yaxis2=dict(domain=[0.0, 0.3], range=[-0.7, len(costs) - 0.3], visible=False,
                                       fixedrange=True, anchor="x2"),
-                          annotations=[dict(text="marker size:<br>wall time per trial", xref="paper", yref="paper",
+                          annotations=[dict(text=f"marker size:<br>{what} per trial", xref="paper", yref="paper",
                                             x=0.84, y=0.36, xanchor="left", yanchor="bottom", showarrow=False,
                                             align="left")])
     ext = extractor(trials)
-    _layout(fig, f"Trade-off: FID at {lo} vs {hi} NFE (marker size: wall time per trial)",
+    _layout(fig, f"Trade-off: FID at {lo} vs {hi} NFE (marker size: {what} per trial)",
             legend=dict(x=0.84, y=1.0, xanchor="left", yanchor="top", itemsizing="constant"))
     fig.update_layout(xaxis=dict(domain=[0.0, 0.8], title_text=fid_title(ext, lo), **_log_axis(g["few"])),
                       yaxis=dict(title_text=fid_title(ext, hi), **_log_axis(g["many"])))
     return fig
+
+
+def _pareto_cost(trials: pd.DataFrame) -> tuple[str, str, str]:
+    """(column, unit, words) of the Pareto view's cost: training compute where recorded, else wall time."""
+    for col, unit, what in (("final/cost/train_tflops", "TFLOPs", "training compute"),
+                            ("final/cost/device_hours", "device-h", "device hours")):
+        if col in trials and trials[col].notna().any():
+            return col, unit, what
+    return "wall_s", "s", "wall time"
+
+
+CFG_KEY = re.compile(r"^final/fid@cfg(.+)/nfe_(\d+)$")
+
+
+def figs_cfg_scale(trials: pd.DataFrame, style: Styles | None = None) -> list[tuple[int, go.Figure]]:
+    """'FID vs guidance scale', one figure per NFE, where trials evaluated several scales (``eval.cfg_scale``
+    a list: ``fid/nfe_N`` is the first scale of param ``fid.cfg_scale``, ``fid@cfg<w>/nfe_N`` the others)."""
+    import json
+
+    ok = trials[trials["status"] == "FINISHED"]
+    other = {}
+    for c in ok.columns:
+        m = CFG_KEY.match(str(c))
+        if m and m.group(1) != "default":
+            other.setdefault(int(m.group(2)), []).append((float(m.group(1)), c))
+    if not other:
+        return []
+    style = style or Styles(trials)
+
+    def first_scale(v):
+        try:
+            val = json.loads(v)[0] if isinstance(v, str) else None
+        except (ValueError, IndexError, TypeError):
+            return None
+        return float(val) if isinstance(val, (int, float)) else None
+
+    firsts = ok["fid.cfg_scale"].map(first_scale) if "fid.cfg_scale" in ok else pd.Series(None, index=ok.index)
+    out, ext = [], extractor(trials)
+    for nfe in sorted(other):
+        fig = go.Figure()
+        for design in style.sort(ok["design"].unique()):
+            g = ok[ok["design"] == design]
+            pts = {}
+            base = f"final/fid/nfe_{nfe}"
+            w0 = firsts[g.index].dropna()
+            if base in g and len(w0) and w0.nunique() == 1:
+                pts[float(w0.iloc[0])] = float(g[base].mean())
+            for w, col in other[nfe]:
+                if g[col].notna().any():
+                    pts[w] = float(g[col].mean())
+            if not pts:
+                continue
+            xs = sorted(pts)
+            fig.add_trace(go.Scatter(x=xs, y=[pts[x] for x in xs], mode="lines+markers", name=style.label(design),
+                                     line=dict(color=style.color(design)),
+                                     hovertemplate=style.hover(design, "<br>scale %{x:g}: FID %{y:.4g}")))
+        _layout(fig, f"FID vs guidance scale at {nfe} NFE (mean over seeds)")
+        fig.update_xaxes(title_text="guidance scale (eval.cfg_scale)")
+        fig.update_yaxes(title_text=fid_title(ext, nfe))
+        out.append((nfe, fig))
+    return out
 
 
 def fig_importance(imp: pd.Series) -> go.Figure:
@@ -358,7 +421,7 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
     if not _any_finished(trials, objective):  # every trial failed or stopped: a table of what happened, no ranking
         return failures_page(study, trials, objective)
     hist = load_histories(study, uri)
-    ranking = rank(trials, objective)
+    ranking = add_cost_columns(rank(trials, objective), trials, hist)  # cost columns, FID at equal compute
     structure = design_structure(trials)  # one factor set for main effects, importance, interactions, labels
     labels = design_labels(trials, structure)
     style = Styles(trials, labels, ranking["design"])
@@ -378,6 +441,7 @@ def build(study: str, uri: str | None = None, objective: str | None = None) -> t
     if any(not f.continuous for f in structure.factors):
         figs.append(("parallel", fig_parallel(trials, objective, structure)))
     figs.append(("pareto", fig_pareto(trials, style)))
+    figs += [(f"cfg_scale_nfe_{n}", f) for n, f in figs_cfg_scale(trials, style)]  # FID vs guidance scale
     imp = importance(trials, objective, structure=structure) if structure.factors else pd.Series(dtype=float)
     if not imp.empty:
         figs.append(("importance", fig_importance(imp)))
@@ -606,6 +670,13 @@ def ranking_view(ranking: pd.DataFrame, labels: pd.Series | None = None) -> pd.D
         view["sampling SE"] = [_num(v, 3) for v in r["fid_se"]]
         view["more seeds or more samples?"] = [str(v).replace(" (seed sd only ", " (seed sd ").replace(
             " sampling SE)", " SE)") for v in r["noise"]]
+    if "train_tflops" in r:  # compute recorded by the trials (ablate.evaluation.training_cost)
+        view["train TFLOPs"] = [_num(v, 3) for v in r["train_tflops"]]
+    if "device_hours" in r:
+        view["device hours"] = [_num(v, 3) for v in r["device_hours"]]
+    if "fid_at_budget" in r:
+        b = r.attrs.get("budget_tflops", float("nan"))
+        view[f"FID at equal compute ({_num(b, 3)} TFLOPs)"] = [_num(v) for v in r["fid_at_budget"]]
     view["seeds"] = r["seeds"]
     if (r["seed_reason"].astype(str) != "").any():
         short = (lambda text: _relabel(str(text), labels)) if labels is not None else str

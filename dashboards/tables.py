@@ -812,3 +812,67 @@ def separability(trials: pd.DataFrame) -> Structure:
 def separability_lines(trials: pd.DataFrame) -> list[str]:
     """What a study can and cannot separate, as lines to print (the dry run)."""
     return design_structure(trials).lines()
+
+
+# -- compute cost: cost columns and FID at equal compute ----------------------------------------------------
+COST = {"device_hours": "final/cost/device_hours", "train_tflops": "final/cost/train_tflops"}
+
+
+def fid_at_compute(trials: pd.DataFrame, hist: pd.DataFrame, metric: str = "fid/nfe_1",
+                   budget: float | None = None) -> tuple[pd.Series, float]:
+    """(per design: ``metric`` read off its curve at a common compute ``budget`` in TFLOPs, the budget).
+
+    Each finished trial's history of ``metric`` is put on a compute axis (step × ``cost/step_tflops``) and
+    linearly interpolated at the budget (NaN where the curve starts after it or the trial lacks its cost);
+    designs aggregate their seeds by the geometric mean (arithmetic where a value is ≤ 0). Default budget:
+    the smallest final compute (``cost/train_tflops``, mean over seeds) among the designs."""
+    step_col, total_col = "final/cost/step_tflops", COST["train_tflops"]
+    empty = pd.Series(dtype=float, name=metric)
+    if step_col not in trials or hist is None or hist.empty:
+        return empty, math.nan
+    ok = trials[(trials["status"] == "FINISHED") & trials[step_col].notna()]
+    if budget is None:
+        finals = ok.groupby("design")[total_col].mean().dropna() if total_col in ok else pd.Series(dtype=float)
+        finals = finals[finals > 0]
+        if finals.empty:
+            return empty, math.nan
+        budget = float(finals.min())
+    h = hist[hist["metric"] == metric]
+    out = {}
+    for design, g in ok.groupby("design", sort=False):
+        vals = []
+        for t in g.itertuples():
+            per_step = float(g.loc[t.Index, step_col])
+            pts = h[h["run_id"] == t.run_id].sort_values("step")
+            pts = pts[np.isfinite(pts["value"])]
+            if pts.empty or not math.isfinite(per_step) or per_step <= 0:
+                continue
+            x = pts["step"].to_numpy(float) * per_step
+            if budget < x[0] - 1e-12 * max(1.0, abs(budget)):
+                vals.append(math.nan)
+                continue
+            vals.append(float(np.interp(budget, x, pts["value"].to_numpy(float))))
+        v = np.asarray([x for x in vals if math.isfinite(x)])
+        out[design] = (math.nan if not len(v) else float(np.exp(np.log(v).mean())) if (v > 0).all()
+                       else float(v.mean()))
+    return pd.Series(out, name=metric, dtype=float), budget
+
+
+def add_cost_columns(ranking: pd.DataFrame, trials: pd.DataFrame, hist: pd.DataFrame | None = None,
+                     metric: str = "fid/nfe_1", by: str = "design") -> pd.DataFrame:
+    """The ranking with ``device_hours`` and ``train_tflops`` (means over finished seeds) and ``fid_at_budget``
+    (:func:`fid_at_compute`; ``attrs["budget_tflops"]``) where the trials recorded their cost."""
+    out = ranking.copy()
+    out.attrs.update(ranking.attrs)
+    if not any(c in trials for c in COST.values()) or out.empty:
+        return out
+    ok = trials[trials["status"] == "FINISHED"]
+    for name, col in COST.items():
+        if col in ok:
+            out[name] = out[by].map(ok.groupby(by)[col].mean())
+    if hist is not None and by == "design":
+        at, budget = fid_at_compute(trials, hist, metric)
+        if math.isfinite(budget):
+            out["fid_at_budget"] = out[by].map(at)
+            out.attrs.update(budget_tflops=budget, budget_metric=metric)
+    return out
