@@ -36,8 +36,34 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-import torch
+
+def make_parser() -> argparse.ArgumentParser:
+    from ablate.cli import help_parser
+
+    p = help_parser("python -m ablate.encode", __doc__, defaults=True)  # the docstring, markup rendered plainly
+    p.add_argument("image_folder", help="IMAGE_FOLDER/<class>/*.png|jpg (or images directly inside)")
+    p.add_argument("out_dir", help="where the shards, meta.json and files.txt go (resumed if it holds an encode)")
+    p.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder (nothing is downloaded)")
+    p.add_argument("--resolution", type=int, default=256, help="centre crop size in pixels")
+    p.add_argument("--shard-size", type=int, default=2000, help="images per shard")
+    p.add_argument("--store", choices=("moments", "samples"), default="moments",
+                   help="posterior mean/logvar (sampled when loaded) or one sample")
+    p.add_argument("--flip", action="store_true", help="also encode each image's mirror image (twice the rows)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage precision")
+    p.add_argument("--seed", type=int, default=0, help="image order over shards, and the samples' noise")
+    p.add_argument("--workers", type=int, default=8, help="threads decoding images")
+    return p
+
+
+if __name__ == "__main__":  # --help is answered before numpy and torch load (ablate/cli.py)
+    from ablate.cli import early_help
+
+    early_help(make_parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 META, FILES = "meta.json", "files.txt"
@@ -205,25 +231,6 @@ def encode(image_dir, out_dir, vae: str, *, resolution: int = 256, shard_size: i
     meta = {**base, "shape": shape, "shards": shards, "complete": True}
     _write_json(out_dir / META, meta)
     return meta
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ablate.encode", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("image_folder", help="IMAGE_FOLDER/<class>/*.png|jpg (or images directly inside)")
-    p.add_argument("out_dir", help="where the shards, meta.json and files.txt go (resumed if it holds an encode)")
-    p.add_argument("--vae", required=True, help="a local diffusers AutoencoderKL folder (nothing is downloaded)")
-    p.add_argument("--resolution", type=int, default=256, help="centre crop size in pixels")
-    p.add_argument("--shard-size", type=int, default=2000, help="images per shard")
-    p.add_argument("--store", choices=("moments", "samples"), default="moments",
-                   help="posterior mean/logvar (sampled when loaded) or one sample")
-    p.add_argument("--flip", action="store_true", help="also encode each image's mirror image (twice the rows)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="storage precision")
-    p.add_argument("--seed", type=int, default=0, help="image order over shards, and the samples' noise")
-    p.add_argument("--workers", type=int, default=8, help="threads decoding images")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,9 @@ from omegaconf import OmegaConf
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    from ablate.cli import help_parser
+
+    p = help_parser(prog, __doc__)  # the docstring, its markup rendered plainly
     p.add_argument("target", help="run folder or checkpoint.pt")
     p.add_argument("--nfe", type=int, nargs="+", help="step budgets (default: the run's eval.nfe)")
     p.add_argument("--num-samples", type=int, help="generated samples per metric (default: the run's)")

@@ -1,17 +1,19 @@
 """``python -m ablate.list [KIND]``: every registered plugin with its options and defaults."""
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 
-import ablate.data  # noqa: F401  (registers the datasets)
-from ablate.design import PRESETS
-from components.registry import REGISTRIES
+#: the kinds, for --help without importing the registries (importing them imports torch and every component:
+#: seconds); tests/test_help.py checks it against the registries
+KINDS = ("schedule", "time_sampler", "target", "weighting", "backbone", "guidance", "dataset", "feature_extractor",
+         "preset")
 
 
 def _all_registries() -> dict:
+    import ablate.data  # noqa: F401  (registers the datasets)
     from ablate.features import FEATURE_EXTRACTOR  # evaluation plugins (imports torch-fidelity)
+    from components.registry import REGISTRIES
 
     return {**REGISTRIES, "feature_extractor": FEATURE_EXTRACTOR}
 
@@ -31,6 +33,8 @@ def describe(kind: str) -> str:
 
 
 def describe_presets() -> str:
+    from ablate.design import PRESETS
+
     lines = ["preset"]
     for name, d in sorted(PRESETS.items()):
         parts = ", ".join(f"{k}={v['name']}" for k, v in d.items() if not k.startswith("_"))
@@ -41,10 +45,12 @@ def describe_presets() -> str:
 
 
 def main(argv=None) -> int:
+    from ablate.cli import help_parser
+
+    p = help_parser("python -m ablate.list", __doc__)
+    p.add_argument("kind", nargs="?", help=f"one of: {', '.join(KINDS)} (default: all)")
+    args = p.parse_args(argv)  # --help is answered here, before the registries are imported
     kinds = list(_all_registries()) + ["preset"]
-    p = argparse.ArgumentParser(prog="python -m ablate.list", description=__doc__)
-    p.add_argument("kind", nargs="?", help=f"one of: {', '.join(kinds)}")
-    args = p.parse_args(argv)
     if args.kind and args.kind not in kinds:
         print(f"error: unknown kind '{args.kind}'; valid kinds: {', '.join(kinds)}", file=sys.stderr)
         return 2

@@ -138,3 +138,14 @@ class MlflowReporter(Reporter):
 
     def artifact(self, path, kind="file"):
         retry(self.cl.log_artifact, self.run_id, str(path), kind)
+
+
+def flat(prefix: str, mapping) -> dict:
+    """``{prefix.key: value}`` for a nested mapping (e.g. the ``data`` section, logged as params ``data.*``)."""
+    out = {}
+    for key, value in (mapping or {}).items():
+        if isinstance(value, dict) and value:
+            out.update(flat(f"{prefix}.{key}", value))
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
