@@ -142,28 +142,51 @@ def peak_memory_mib(row: int, backbone: str, device: torch.device) -> float:
     return _proc_status_mib("VmHWM") - before
 
 
-def bench_targets(device: torch.device, rounds: int, steps: int, backbones=tuple(BACKBONES)) -> list[dict]:
+#: rows timed again under ``train.compile`` (``--compile``, DiT only): flow matching and the JVP targets
+COMPILED_ROWS = ("flow_matching", "meanflow (exact JVP)", "sct (continuous)")
+
+
+def _compiled(s: Stepper) -> Stepper:
+    """The stepper's network under torch.compile, as ``train.compile`` wraps it (the teacher too when it is
+    the model); the JVP targets then compile their tangent pass alike (components/targets/jvp.py)."""
+    from components.targets.base import Nets
+
+    net = torch.compile(s.model)
+    s.nets = Nets(model=net, teacher=net if s.nets.teacher is s.model else s.nets.teacher, guidance=s.nets.guidance)
+    return s
+
+
+def bench_targets(device: torch.device, rounds: int, steps: int, backbones=tuple(BACKBONES),
+                  compile: bool = False) -> list[dict]:
+    """Per row: ms/step, × flow matching, peak memory and its × flow matching. Compiled rows (``compile``)
+    are timed in the same rounds and compared with compiled flow matching; their memory is not probed."""
     from tqdm import tqdm
 
     out = []
     for backbone in backbones:
         data, back, batch = BACKBONES[backbone]
-        steppers = [(name, Stepper(_row_design(over, back), data, batch, device)) for name, over in TARGET_ROWS]
+        rows = [(name, over, False) for name, over in TARGET_ROWS]
+        if compile and backbone == "dit":
+            rows += [(f"{name} (compiled)", over, True) for name, over in TARGET_ROWS if name in COMPILED_ROWS]
+        steppers = []
+        for name, over, comp in rows:
+            s = Stepper(_row_design(over, back), data, batch, device)
+            steppers.append((name, _compiled(s) if comp else s))
         n = steps * (4 if backbone == "mlp" else 1)
         times: dict[str, list[float]] = {name: [] for name, _ in steppers}
-        for name, s in steppers:
-            s.timed(3)  # warm-up (allocator, kernels)
+        for name, s in tqdm(steppers, desc=f"warm-up on {backbone}", file=sys.stderr):
+            s.timed(8 if name.endswith("(compiled)") else 3)  # allocator, kernels; compilation and its re-compiles
         for _ in tqdm(range(rounds), desc=f"targets on {backbone}", file=sys.stderr):
             for name, s in steppers:
                 times[name].append(s.timed(n))
         mems = [_memory_in_subprocess(i, backbone, device) for i in range(len(TARGET_ROWS))]
-        ref_t = statistics.median(times["flow_matching"])
-        ref_m = mems[0]
-        for (name, _), mem in zip(TARGET_ROWS, mems):
+        mems += [float("nan")] * (len(rows) - len(mems))
+        for (name, _, comp), mem in zip(rows, mems):
             t = statistics.median(times[name])
+            ref_t = statistics.median(times["flow_matching (compiled)" if comp else "flow_matching"])
             out.append({"section": "targets", "backbone": f"{backbone} (batch {batch})", "row": name,
                         "ms_per_step": 1000 * t, "x_flow_matching": t / ref_t, "peak_mib": mem,
-                        "mem_x_flow_matching": mem / ref_m if ref_m > 0 else float("nan")})
+                        "mem_x_flow_matching": mem / mems[0] if mems[0] > 0 else float("nan")})
     return out
 
 
@@ -271,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=5, help="steps per round (×4 for the MLP)")
     p.add_argument("--backbones", nargs="*", choices=list(BACKBONES), default=list(BACKBONES),
                    help="backbones of the targets section")
+    p.add_argument("--compile", action="store_true",
+                   help="targets: also time flow matching and the JVP targets under train.compile (DiT; minutes)")
     p.add_argument("--study", default="schedule_vs_target", help="a finished study for the overhead row")
     p.add_argument("--asha-study", default="schedule_vs_target_asha", help="the ASHA version of --study")
     p.add_argument("--objective", default="fid/nfe_1")
@@ -288,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only or list(SECTIONS)
     rows: list[dict] = []
     if "targets" in sections:
-        rows += bench_targets(device, args.rounds, args.steps, args.backbones)
+        rows += bench_targets(device, args.rounds, args.steps, args.backbones, args.compile)
     if "eval" in sections:
         rows += bench_eval(device)
     for name, fn in (("study", lambda: bench_study(args.study, args.tracking_uri)),

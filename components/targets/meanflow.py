@@ -3,11 +3,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from components.registry import TARGET
 from components.schedules import _bc
 from components.targets.base import Target, TargetOutput, velocity_slug
+from components.targets.jvp import exact_total_derivative
 
 
 @TARGET.register("meanflow", slug=velocity_slug("meanflow"))
@@ -15,10 +15,9 @@ class MeanFlow(Target):
     """MeanFlow identity (Geng et al. 2025, eq. 10): u_tgt = ṽ − (t − r)·(d/dt) u_θ(z_t, r, t),
 
     with the total derivative d/dt u = ṽ·∂_z u + ∂_t u taken by forward-mode JVP
-    (tangents (ṽ, 0, 1) for (z, r, t)) under stop-gradient; the JVP's primal
-    output is the prediction, so there is no second forward pass. The fused
-    attention kernels lack forward-mode AD, so attention runs on the math path
-    inside the JVP. ``jvp="finite_difference"`` uses the central difference
+    (tangents (ṽ, 0, 1) for (z, r, t)) under stop-gradient, on the r < t rows only
+    (``components/targets/jvp.py``: the prediction is an ordinary forward, the
+    tangent has no graph). ``jvp="finite_difference"`` uses the central difference
     [u(z + hṽ, r, t + h) − u(z − hṽ, r, t − h)]/2h instead.
     """
 
@@ -43,16 +42,12 @@ class MeanFlow(Target):
 def total_derivative(model, z, r, t, y, v, jvp: str = "exact", fd_step: float = 1e-3):
     """(u_θ(z, r, t), d/dt u_θ(z_t, r, t) along the tangent (ṽ, 0, 1)), the derivative detached.
 
-    ``jvp="exact"``: one forward-mode pass whose primal output is the prediction.
+    ``jvp="exact"``: forward-mode AD on the rows with r < t (0 on the r = t rows, where every target
+    multiplies it by t − r = 0), see :func:`exact_total_derivative`.
     ``"finite_difference"``: the central difference of two extra no-grad forwards.
     """
     if jvp == "exact":
-        def f(z_, r_, t_):
-            return model(z_, r_, t_, y)
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            u, dudt = torch.func.jvp(f, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)))
-        return u, dudt.detach()
+        return exact_total_derivative(model, z, r, t, y, v)
     u = model(z, r, t, y)
     with torch.no_grad():  # central difference, kept inside r ≤ t ≤ 1
         hi = (t + fd_step).clamp(max=1.0)
