@@ -38,11 +38,15 @@ from ablate.tracking import mlflow_literal  # noqa: F401  (filters; re-exported 
 
 
 def make_parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    from ablate.cli import help_parser
+
+    p = help_parser(prog, __doc__)  # the docstring, its markup rendered plainly
     p.add_argument("target", help="a study file (.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax), e.g. search.seeds=3")
     p.add_argument("--dry-run", action="store_true", help="validate, print every trial and the resources, exit")
     p.add_argument("--fresh", action="store_true", help="discard the study's previous state and start over")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output (by default it goes to the study "
+                                                          "folder's ray.log, and one live table shows the trials)")
     return p
 
 
@@ -58,8 +62,10 @@ def expand_trials(cfg: DictConfig, source: str, dry_run: bool = False) -> list[d
         trials = []
         try:
             corners = optuna_corners(cfg)  # every choice of every categorical, each once
-        except (KeyError, TypeError, AttributeError):
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError):
             corners = []  # a malformed space: already reported by validate_search
+        if problems:
+            corners = []  # described only once the space is sound
         for over in corners:
             try:
                 trials.append(describe_trial(cfg, over, 0, data_cache, dry_run))
@@ -125,10 +131,29 @@ def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
         extra = set(spec) - {"choices", "low", "high", "log", "int", "when"}
         if extra:
             problems.append((where, f"unknown key(s) {sorted(extra)}; valid: choices, low, high, log, int, when"))
-        if "low" in spec and not spec["low"] < spec["high"]:
+        if "choices" in spec and (not isinstance(spec["choices"], list) or not spec["choices"]):
+            problems.append((f"{where}.choices", f"must be a non-empty list of values, got {spec['choices']!r}"))
+        if "low" in spec and not (_number(spec["low"]) and _number(spec.get("high"))):
+            problems.append((where, f"low and high must be numbers, got {spec['low']!r} and {spec.get('high')!r}"))
+        elif "low" in spec and not spec["low"] < spec["high"]:
             problems.append((where, f"low must be < high, got {spec['low']} and {spec['high']}"))
+        elif "low" in spec and spec.get("log") and not spec["low"] > 0:
+            problems.append((where, f"a log scale needs low > 0, got {spec['low']}"))
         if "when" in spec and not isinstance(spec["when"], dict):
             problems.append((f"{where}.when", "must map a searched key to the value(s) that enable this one"))
+        elif "when" in spec:
+            space = OmegaConf.to_container(s.space, resolve=True)
+            for ck, cv in spec["when"].items():
+                other = space.get(ck)
+                if ck == key or not isinstance(other, dict):
+                    valid = ", ".join(k for k in space if k != key) or "(none)"
+                    problems.append((f"{where}.when", f"{ck!r} is not a key of search.space (a condition names another "
+                                                      f"searched key); valid: {valid}"))
+                elif isinstance(other.get("choices"), list):
+                    bad = [v for v in (cv if isinstance(cv, list) else [cv]) if v not in other["choices"]]
+                    if bad:
+                        problems.append((f"{where}.when", f"{ck}={bad[0]!r} is never sampled: search.space.{ck} "
+                                                          f"chooses from {other['choices']}"))
     if s.mode == "optuna":
         if not s.space:
             problems.append(("search.space", "an optuna search needs a space"))
@@ -145,10 +170,18 @@ def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
         problems.append(("search.seeds", str(exc)))
     if not list(s.objective):
         problems.append(("search.objective", "name at least one metric, e.g. fid/nfe_1"))
+    from ablate.config import logged_metrics
+
+    logged = logged_metrics(cfg)
     for obj in s.objective:
         nfe = str(obj).rsplit("_", 1)[-1]
         if str(obj).startswith(("fid/", "kid/")) and (not nfe.isdigit() or int(nfe) not in list(cfg.eval.nfe)):
             problems.append(("search.objective", f"{obj} is not evaluated: eval.nfe is {list(cfg.eval.nfe)}"))
+        elif str(obj) not in logged:
+            problems.append(("search.objective", f"no trial logs {obj} (eval.metrics is {list(cfg.eval.metrics)}, "
+                                                 f"eval.nfe {list(cfg.eval.nfe)}, evaluation "
+                                                 f"{'on' if int(cfg.eval.every) or cfg.eval.at_end else 'off'}); "
+                                                 f"valid: {', '.join(logged)}"))
     if not list(cfg.eval.nfe):
         problems.append(("eval.nfe", "the NFE list is empty"))
     if s.scheduler not in ("none", "asha"):
@@ -156,6 +189,10 @@ def validate_search(cfg: DictConfig) -> list[tuple[str, str]]:
     if s.scheduler == "asha" and not int(cfg.eval.every):
         problems.append(("search.scheduler", "asha stops trials on the FID curve: set eval.every > 0"))
     return problems
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | None = None,
@@ -183,10 +220,18 @@ def describe_trial(cfg: DictConfig, over: dict, seed: int, data_cache: dict | No
                 raise ConfigError("", [("data", str(exc))]) from exc
             print(f"note: data not loaded ({exc}); validating the designs without it")
             data_cache[dkey] = None
+        except (ValueError, TypeError) as exc:  # a value the dataset's own code cannot use (e.g. modes: 0)
+            opts = ", ".join(f"{k}={v}" for k, v in data_spec.items() if k != "name")
+            raise ConfigError("", [("data", f"{data_spec.get('name')} cannot be made with {opts or 'its defaults'}: "
+                                            f"{exc or type(exc).__name__}")]) from exc
     data = data_cache[dkey]
     try:
         design = resolve_design(OmegaConf.to_container(tc.design, resolve=True),
                                 data.default_backbone() if data is not None else {"name": "dit"})
+        if data is not None:  # its size from the spec, before anything allocates it (ablate/footprint.py)
+            from ablate.footprint import check_backbone
+
+            check_backbone(design, data.shape, data.num_classes, int(tc.train.steps), float(tc.train.ema))
         if data is not None and math.prod(data.shape) <= 4096:  # small: building is cheap, checks combinations
             build_components(design, data.shape, data.num_classes, train_steps=int(tc.train.steps))
     except DesignError as exc:
@@ -301,7 +346,8 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
     cl = tracking.client(uri)
     tags = {"design_id": t["design_id"], "slug": t["slug"], "seed": str(t["seed"]), "study": str(cfg.name),
             "variant": t.get("variant", ""), "seed_reason": t.get("reason", "initial"),
-            "preset": t.get("preset", ""),
+            "preset": t.get("preset", ""),  # the design is exactly this preset ('' when it changes one)
+            "base_preset": str(OmegaConf.select(cfg, "design.preset") or ""),  # the preset it starts from
             "git_commit": tracking.git_commit()}
     run_id, status = tracking.child_run(cl, exp_id, parent_id, t["key"], f"{t['slug']}-s{t['seed']}", tags)
     if status == "FINISHED":  # recorded complete before an interruption: never train it again
@@ -319,7 +365,8 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
     retry(cl.update_run, run_id, status="RUNNING")
     mlrep = tracking.MlflowReporter(uri, run_id)
     mlrep.params({**t["params"], **{f"train.{k}": v for k, v in OmegaConf.to_container(cfg.train).items()
-                                    if k != "out_dir"}})
+                                    if k != "out_dir"},
+                  **tracking.flat("data", OmegaConf.to_container(cfg.data, resolve=True))})  # data.* settings
 
     class TuneReporter(Reporter):
         """MLflow records and Tune results of the trial. It runs before the local reporter (MultiReporter order), and
@@ -357,8 +404,8 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
             # Tune's searchers and schedulers read the objective from every result: until the first evaluation
             # the checkpoint stays local (the trial folder, which a resume on this node reads first)
             if step < total and all(o in self.last for o in objectives):
-                tune.report({**self.last, "step": step},
-                            checkpoint=tune.Checkpoint.from_directory(str(path.parent)))
+                with tune_checkpoint(path.parent, step, remote) as d:  # a pointer, or the file alone (footprint.py)
+                    tune.report({**self.last, "step": step}, checkpoint=tune.Checkpoint.from_directory(str(d)))
 
         def close(self):
             self.send_held()
@@ -366,6 +413,9 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
 
     objectives = [str(o) for o in cfg.search.objective]
     total = int(cfg.train.steps)
+    from ablate.footprint import tune_checkpoint
+
+    remote = "://" in str(cfg.resources.storage or "")  # URI storage: trial folders are node-local
     rep = TuneReporter()
     retry(cl.set_tag, run_id, "node", ray.get_runtime_context().get_node_id())
     try:
@@ -381,8 +431,12 @@ def run_trial(config: dict, study_yaml: str, uri: str, exp_id: str, parent_id: s
         raise
     mlrep.close()
     (out / "final.json").write_text(json.dumps(rep.last))
+    from ablate.trialset import clear_outcome
+
+    clear_outcome(cl, run_id)  # an earlier attempt's 'stopped'/'interrupted'/'failed' no longer holds
     retry(cl.set_terminated, run_id, status="FINISHED")
-    tune.report({**rep.last, "step": total}, checkpoint=tune.Checkpoint.from_directory(str(out)))
+    with tune_checkpoint(out, total, remote, final=True) as d:
+        tune.report({**rep.last, "step": total}, checkpoint=tune.Checkpoint.from_directory(str(d)))
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -392,9 +446,19 @@ def _main(args) -> int:
     cfg, source = compose(args.target, args.overrides)  # refuses a name that is not a plain name
     name = str(cfg.name or Path(args.target).stem)
     cfg.name = name
+    from ablate.config import shadowed_overrides
+
+    shadowed = shadowed_overrides(cfg, args.overrides)  # an override the search overwrites would be ignored
+    if shadowed:
+        raise ConfigError(f"{source}, command line", shadowed)
     validate(cfg, source)
     trials = expand_trials(cfg, source, dry_run=args.dry_run)
     res = cfg.resources
+    from ablate.footprint import gpu_problems
+
+    problems = gpu_problems(cfg)  # GPUs asked for on a local Ray without any: every trial would wait forever
+    if problems:
+        raise ConfigError(source, problems)
     root = storage_root(cfg)
     try:
         state = study_state(root, name, fresh=args.fresh)  # refuses a folder this platform did not create
@@ -403,6 +467,11 @@ def _main(args) -> int:
             raise
         print(f"note: {exc}; the study's folder was not checked")
         state = "unchecked"
+    from ablate.trialset import check_rerun
+
+    cache: dict = {}
+    rerun = check_rerun(cfg, trials, root, name, "fresh" if args.fresh else state, source,  # the recorded trial set
+                        lambda over, seed: describe_trial(cfg, over, seed, cache, args.dry_run))
     if cfg.search.mode == "optuna":
         print(f"study {name}: optuna ({cfg.search.sampler}) over {list(cfg.search.space)}, "
               f"{cfg.search.num_samples} designs × {seed_plan(cfg).min} seeds, objective {list(cfg.search.objective)}"
@@ -410,21 +479,28 @@ def _main(args) -> int:
     else:
         print(f"study {name}: {len(trials)} trials ({source})")
     for t in trials:
-        print(f"  {t['key']}  {t['slug']}  seed {t['seed']}  " + " ".join(f"{k}={v}" for k, v in t["overrides"].items()))
+        mark = f"[{rerun.status(t['key'])}] " if rerun.recorded and cfg.search.mode == "grid" else ""
+        print(f"  {mark}{t['key']}  {t['slug']}  seed {t['seed']}  "
+              + " ".join(f"{k}={v}" for k, v in t["overrides"].items()))
     print(f"resources: {res.cpus_per_trial} CPU, {res.gpus_per_trial} GPU per trial; at most "
-          f"{res.max_concurrent or 'unlimited'} at once; Ray at {res.address or os.environ.get('RAY_ADDRESS') or 'local'}")
+          f"{res.max_concurrent or 'as many as Ray has room for'} at once; Ray at {res.address or os.environ.get('RAY_ADDRESS') or 'local'}")
     from ablate.gpu import resource_lines
 
     for line in resource_lines(cfg, trials):  # CPU or GPU trials (on purpose), what fits in a GPU share
         print(f"  {line}")
     print(f"storage: {root}/{name} ({'started over' if args.fresh and state == 'ours' else STATE_WORDS[state]})")
+    from ablate.footprint import disk_estimate
+
+    for line in (rerun.line(), disk_estimate(cfg, trials, _remote(root)) if cfg.search.mode == "grid" else None):
+        if line:
+            print(line)
     if args.dry_run:
         if cfg.search.mode == "grid":  # optuna's validation corners are not the design it will sample
             from dashboards.tables import design_frame, separability_lines
 
             print("\n".join(separability_lines(design_frame(trials))))
         return 0
-    return launch(cfg, trials, root, fresh=args.fresh)
+    return launch(cfg, trials, root, fresh=args.fresh, verbose=getattr(args, "verbose", False))
 
 
 # -- the study's folder: only what this platform created is restored or removed ---------------
@@ -568,7 +644,7 @@ def _write_marker(root: str, name: str) -> None:
     os.replace(tmp, folder / MARKER)
 
 
-def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) -> int:
+def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False, verbose: bool = False) -> int:
     from ray import tune
 
     from ablate import tracking
@@ -596,38 +672,67 @@ def launch(cfg: DictConfig, trials: list[dict], root: str, fresh: bool = False) 
                              trials_dir=str(trials_dir)),
         {"cpu": float(res.cpus_per_trial), "gpu": float(res.gpus_per_trial)})
     address = res.address or os.environ.get("RAY_ADDRESS")
+    from ablate.console import Console
+    from ablate.summary import log as log_summary
+
+    # one live table of the trials; Ray's own output goes to ray.log in the study folder unless --verbose
+    live = Console(cfg, trials, trials_dir, (trials_dir if remote else Path(exp_dir)) / "ray.log", verbose,
+                   describe=lambda over, seed: describe_trial(cfg, over, seed, {}))
     objective = list(cfg.search.objective)[0]
     restorable = state == "ours" and not fresh
+    from ablate.footprint import KEEP_CHECKPOINTS
+    from ablate.trialset import TrialBook, outcomes
+
+    # the study's trial record (ablate/trialset.py; checked against this run's trials by _main before anything)
+    book = (TrialBook.load(str(root), name) if restorable else None) or TrialBook(str(root), name, str(cfg.search.mode))
+
+    key_cache: dict = {}
+
+    def key_of(config: dict) -> str:
+        if "trial" in config:
+            return config["trial"]["key"]
+        over = {k: v for k, v in config.items() if not k.startswith("__")}
+        return describe_trial(cfg, over, int(config.get("__trial_index__", 0)), key_cache)["key"]
 
     def fit(k: int, round_trials: list[dict]) -> list:
-        """Round k of the study (k ≥ 1: a racing round, ablate/race.py): a Tune experiment, restored if it exists."""
-        storage, rname = round_dir(str(root), name, k)
-        run_cfg = tune.RunConfig(name=rname, storage_path=storage, verbose=1,
-                                 failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
-                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
-        path = f"{storage}/{rname}"
-        if restorable and tune.Tuner.can_restore(path):  # every round lives inside the marked study folder
-            print(f"resuming study {name} from {path}")
-            tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
-        else:
-            space = {"trial": tune.grid_search(round_trials)} if cfg.search.mode == "grid" else {}
-            tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_cfg, run_config=run_cfg)
-        out = list(tuner.fit())
-        close_unfinished(cl, exp_id, parent_id, trials_dir)
+        """Round k of the study (k ≥ 1: a racing round, ablate/race.py): the Tune experiments holding its trials,
+        restored where the record has them; trials it lacks run in a new experiment inside the study folder."""
+        out = []
+        for storage, rname, group, restore in book.experiments(cfg, k, round_trials, restorable):
+            run_cfg = tune.RunConfig(name=rname, storage_path=storage, verbose=live.ray_verbosity,
+                                     callbacks=live.callbacks(),  # the live table (ablate/console.py)
+                                     failure_config=tune.FailureConfig(max_failures=int(cfg.search.max_failures)),
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS))
+            path = f"{storage}/{rname}"
+            if restore and tune.Tuner.can_restore(path):  # every experiment lives inside the marked study folder
+                print(f"resuming study {name} from {path}")
+                tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+            else:
+                if restorable:
+                    print(f"study {name}: {len(group)} new trials in {path}")
+                space = {"trial": tune.grid_search(group)} if cfg.search.mode == "grid" else {}
+                tuner = tune.Tuner(trainable, param_space=space, tune_config=tune_cfg, run_config=run_cfg)
+            grid = tuner.fit()
+            out += list(grid)
+            close_unfinished(cl, exp_id, parent_id, trials_dir, outcomes(grid, key_of), int(cfg.search.max_failures),
+                             int(cfg.train.steps))
+        log_summary(cl, parent_id, cfg, uri, k)  # the parent run's chartable summary (ablate/summary.py)
         return out
 
-    with ray_session(address) as ray:  # a local Ray started here is shut down on the way out, whatever happens
+    with live, ray_session(address) as ray:  # a local Ray started here is shut down on the way out, whatever happens
         slots = int(ray.cluster_resources().get("CPU", 1) // max(float(res.cpus_per_trial), 1e-9))
         if float(res.gpus_per_trial) > 0:
             slots = min(slots, int(ray.cluster_resources().get("GPU", 0) // float(res.gpus_per_trial)))
         n_trials = len(trials) if cfg.search.mode == "grid" else int(cfg.search.num_samples) * seed_plan(cfg).min
         concurrency = max(1, min(n_trials, int(res.max_concurrent) or slots, slots))
         tracking.retry(cl.set_tag, parent_id, "concurrency", str(concurrency))  # for the overhead benchmark
+        live.started(concurrency, slots, n_trials)  # the real concurrency, not resources.max_concurrent's 0
         tune_cfg = tune_config(cfg)
         results = fit(0, trials)
         plan = seed_plan(cfg)
         if cfg.search.mode == "grid" and plan.racing:
             results += race(cfg, trials, plan, fit, cl, parent_id, uri, objective)
+    log_summary(cl, parent_id, cfg, uri, 0, final=True)  # FID against NFE per design, on the parent run
     errors = [r for r in results if r.error is not None]
     tracking.retry(cl.set_terminated, parent_id, status="FAILED" if len(errors) == len(results) else "FINISHED")
     try:  # the report never decides the study's outcome
@@ -746,16 +851,13 @@ def tune_config(cfg: DictConfig):
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=int(s.num_samples) * seeds)
 
 
-def close_unfinished(cl, exp_id: str, parent_id: str, trials_dir: Path) -> None:
-    """Child runs left RUNNING (stopped early by ASHA, or cut off) are closed as KILLED, with the reason."""
-    from ablate import tracking
+def close_unfinished(cl, exp_id: str, parent_id: str, trials_dir: Path, found: dict | None = None,
+                     max_failures: int = 0, total: int = 0) -> None:
+    """Child runs left RUNNING: FAILED with the error (a worker crash past max_failures too), or KILLED and tagged
+    stopped by the scheduler or interrupted (``found``: Tune's outcome per trial key, ablate/trialset.py)."""
+    from ablate.trialset import close_unfinished as close
 
-    runs = tracking.retry(cl.search_runs, [exp_id], filter_string=f"tags.`mlflow.parentRunId` = "
-                                                                 f"{mlflow_literal(parent_id)} "
-                                                                 "and attributes.status = 'RUNNING'")
-    for r in runs:
-        tracking.retry(cl.set_tag, r.info.run_id, "stopped", "early stopping or interruption")
-        tracking.retry(cl.set_terminated, r.info.run_id, status="KILLED")
+    close(cl, exp_id, parent_id, found, max_failures, total)
 
 
 def main(argv: list[str] | None = None) -> int:

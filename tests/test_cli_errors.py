@@ -237,7 +237,8 @@ def test_out_of_range_values_are_refused(override, dry_run, run_study, capsys):
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     assert code == 2, f"exit {code}\n{out[-1500:]}\n{err}"
-    assert err.startswith("error:") and str(run_study) in err, err
+    # named by the study file, or (a value an override set) by the command line and the override (ablate/cli.py)
+    assert err.startswith("error:") and (str(run_study) in err or f"{override}:" in err), err
     for frag in RANGES[override]:
         assert frag in err, f"{frag!r} not in:\n{err}"
     assert sorted(p.name for p in tmp.iterdir()) == ["ranges.yaml"], "nothing may be written"
@@ -297,3 +298,188 @@ def test_report_with_an_unknown_objective_names_the_ones_that_exist(tmp_path, ca
     assert len(msg) == 1 and "fid/nfe_3" in msg[0] and "fid/nfe_1" in msg[0], err
     assert not (tmp_path / "r.html").exists()
     assert report_main([*argv, "--objective", "fid/nfe_1"]) == 0
+
+
+# -- malformed studies (python -m ablate.run): one clear error, exit 2, nothing started or written ----------------
+GRID = RUN_STUDY + "search:\n  grid:\n    design.target: [flow_matching, meanflow]\n"
+OPTUNA_HEAD = RUN_STUDY + "search:\n  mode: optuna\n  num_samples: 2\n  space:\n"
+
+
+def _optuna(space: str) -> str:
+    return OPTUNA_HEAD + "".join(f"    {line}\n" for line in space.strip().splitlines())
+
+
+# case -> (study text, or None for RUN_STUDY; overrides; {extra file name: text}; fragments the message must hold).
+# "{file}" in a fragment is the study file's path; "command line" cases name it too.
+MALFORMED: dict[str, tuple[str | None, list[str], dict, list[str]]] = {
+    # the objective names a metric no trial logs
+    "objective_not_in_eval_metrics": (None, ["search.objective=[kid/nfe_1]"], {},
+                                      ["search.objective", "kid/nfe_1", "eval.metrics", "valid:", "fid/nfe_1"]),
+    "objective_unknown_metric": (None, ["search.objective=[fid_nfe_1]"], {}, ["search.objective", "fid_nfe_1", "valid:"]),
+    "objective_with_evaluation_off": (None, ["eval.at_end=false", "search.objective=[fid/nfe_1]"], {},
+                                      ["search.objective", "fid/nfe_1", "evaluation off", "train/loss"]),
+    # optuna spaces
+    "when_names_a_key_not_in_the_space": (_optuna("""
+design.target: {choices: [flow_matching, meanflow]}
+design.target.jvp: {choices: [exact, finite_difference], when: {design.targt: meanflow}}"""), [], {},
+                                          ["search.space.design.target.jvp.when", "design.targt", "design.target"]),
+    "when_value_never_sampled": (_optuna("""
+design.target: {choices: [flow_matching, meanflow]}
+design.target.jvp: {choices: [exact, finite_difference], when: {design.target: meanflw}}"""), [], {},
+                                 ["search.space.design.target.jvp.when", "meanflw", "never sampled", "flow_matching"]),
+    "empty_choices": (_optuna("design.target: {choices: []}"), [], {},
+                      ["search.space.design.target.choices", "non-empty list", "[]"]),
+    "choices_not_a_list": (_optuna("design.target: {choices: meanflow}"), [], {},
+                           ["search.space.design.target.choices", "non-empty list", "meanflow"]),
+    "low_high_not_numbers": (_optuna("train.lr: {low: small, high: large}"), [], {},
+                             ["search.space.train.lr", "must be numbers", "small"]),
+    "log_scale_from_zero": (_optuna("train.lr: {low: 0.0, high: 0.1, log: true}"), [], {},
+                            ["search.space.train.lr", "log scale needs low > 0"]),
+    # a command-line override the grid overwrites in every trial (a typo would never be seen)
+    "override_overwritten_by_the_grid": (GRID, ["design.target=meanflw"], {},
+                                         ["command line", "design.target=meanflw", "search.grid.design.target",
+                                          "ignored"]),
+    "override_of_a_kwarg_the_grid_replaces": (GRID, ["design.target.jvp=exact"], {},
+                                              ["command line", "design.target.jvp=exact", "search.grid.design.target"]),
+    "grid_entry_from_the_command_line_checked": (GRID, ["search.grid.design.target=[meanflw]"], {},
+                                                 ["design.target", "meanflw", "Did you mean 'meanflow'?"]),
+    # GPUs asked for on a machine (local Ray) without them
+    "gpus_on_a_machine_without_gpus": (None, ["resources.gpus_per_trial=1"], {},
+                                       ["resources.gpus_per_trial", "no GPU", "gpus_per_trial=0", "resources.address"]),
+    "more_gpus_than_the_machine_has": (None, ["resources.gpus_per_trial=4"], {"__gpus__": "1"},
+                                       ["resources.gpus_per_trial", "this machine has 1"]),
+    # the file itself
+    "empty_study_file": ("", [], {}, ["<file>", "empty", "default study"]),
+    "comments_only_study_file": ("# nothing here yet\n", [], {}, ["<file>", "empty"]),
+    "study_file_not_a_mapping": ("- train\n- eval\n", [], {}, ["<file>", "mapping", "list"]),
+    "defaults_from_outside_the_folder": ("defaults:\n  - ../outside@_global_\n  - _self_\n" + RUN_STUDY, [],
+                                         {"../outside.yaml": "train: {steps: 3}\n"},
+                                         ["defaults", "../outside@_global_", "outside the study file's folder"]),
+    "defaults_through_an_absolute_group": ("defaults:\n  - /../outside@_global_\n  - _self_\n" + RUN_STUDY, [],
+                                           {"../outside.yaml": "train: {steps: 3}\n"},
+                                           ["defaults", "outside the study file's folder"]),
+    "defaults_of_an_included_file_leave": ("defaults:\n  - inner@_global_\n  - _self_\n" + RUN_STUDY, [],
+                                           {"inner.yaml": "defaults:\n  - ../outside@_global_\n",
+                                            "../outside.yaml": "train: {steps: 3}\n"},
+                                           ["defaults", "../outside@_global_", "outside the study file's folder"]),
+    "hydra_settings_in_a_study": (RUN_STUDY + "hydra:\n  searchpath: [file:///etc]\n", [], {},
+                                  ["hydra", "not allowed"]),
+    # sizes and data
+    "backbone_of_a_billion_width": (None, ["design.backbone.width=1000000000"], {},
+                                    ["design.backbone", "parameters", "width=1000000000", "1e+10"]),
+    "data_modes_zero": (None, ["data.modes=0"], {}, ["data.modes", "≥ 1", "got 0", "gaussian_mixture"]),
+    "data_n_zero": (None, ["data.n=0"], {}, ["data.n", "≥ 1", "got 0"]),
+    "data_std_negative": (None, ["data.std=-0.3"], {}, ["data.std", "> 0", "-0.3"]),
+    # interpolations that do not resolve
+    "unregistered_resolver_in_the_file": (RUN_STUDY.replace("steps: 4,", "steps: '${nosuch:4}',"), [], {},
+                                          ["train.steps", "cannot be resolved", "nosuch", "registered:", "oc.env"]),
+    "unregistered_resolver_in_data": (RUN_STUDY.replace("modes: 2,", "modes: '${nosuch:2}',"), [], {},
+                                      ["data.modes", "cannot be resolved", "nosuch"]),
+    "unregistered_resolver_on_the_command_line": (None, ["train.steps=${nosuch:4}"], {},
+                                                  ["command line", "train.steps", "cannot be resolved", "nosuch"]),
+    "unset_environment_variable": (RUN_STUDY.replace("steps: 4,", "steps: '${oc.env:ABLATE_TEST_NOT_SET}',"), [], {},
+                                   ["train.steps", "cannot be resolved", "ABLATE_TEST_NOT_SET"]),
+    # values of eval/sample/search/train the first checks did not cover
+    "unknown_eval_metric": (None, ["eval.metrics=[fdi]"], {}, ["eval.metrics", "fid, kid, prc", "fdi"]),
+    "unknown_fid_se": (None, ["eval.fid_se=jackknife"], {}, ["eval.fid_se", "bootstrap, none", "jackknife"]),
+    "one_bootstrap_replicate": (None, ["eval.fid_se_reps=1"], {}, ["eval.fid_se_reps", "≥ 2"]),
+    "no_sample_grid_images": (None, ["sample.num=0"], {}, ["sample.num", "≥ 1"]),
+    "sample_nfe_zero": (None, ["sample.nfe=[0]"], {}, ["sample.nfe", "≥ 1"]),
+    "asha_reduction_factor_one": (None, ["search.reduction_factor=1"], {}, ["search.reduction_factor", "> 1"]),
+    "negative_max_failures": (None, ["search.max_failures=-1"], {}, ["search.max_failures", "≥ 0"]),
+    "negative_grace_period": (None, ["search.grace_period=-1"], {}, ["search.grace_period", "≥ 0"]),
+    "negative_classes_per_batch": (None, ["train.classes_per_batch=-1"], {}, ["train.classes_per_batch", "≥ 0"]),
+    "zero_world_size": (None, ["train.world_size=0"], {}, ["train.world_size", "≥ 1"]),
+    "negative_reference_samples": (None, ["eval.reference_samples=-1"], {}, ["eval.reference_samples", "≥ 0"]),
+    "negative_ckpt_every_s": (None, ["train.ckpt_every_s=-1.0"], {}, ["train.ckpt_every_s", "≥ 0"]),
+}
+
+
+@pytest.fixture
+def malformed(tmp_path, monkeypatch):
+    """A sandbox: ray.init is a tripwire, and the study writes (if anything) into the sandbox only."""
+    import ray
+
+    from ablate import gpu
+
+    def tripwire(*a, **k):
+        raise AssertionError("ray.init reached: validation let a malformed study through")
+
+    monkeypatch.setattr(ray, "init", tripwire)
+    monkeypatch.setattr(gpu, "machine_gpus", lambda: (0, None))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    box = tmp_path / "box"
+    (box / "studies").mkdir(parents=True)
+    monkeypatch.chdir(box)
+    return box
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry_run", "run"])
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_study_is_one_clear_error_and_writes_nothing(case, dry_run, malformed, capsys, monkeypatch):
+    from ablate import gpu
+    from ablate.run import main as run_main
+
+    text, overrides, extra, fragments = MALFORMED[case]
+    study = malformed / "studies" / "study.yaml"
+    study.write_text(RUN_STUDY if text is None else text)
+    for name, body in extra.items():
+        if name == "__gpus__":
+            monkeypatch.setattr(gpu, "machine_gpus", lambda n=int(body): (n, 40 * 2 ** 30))
+            continue
+        (study.parent / name).write_text(body)
+    before = _listing(malformed)
+    code = run_main([str(study), *overrides, f"resources.storage={malformed}/runs",
+                     f"tracking.uri=sqlite:///{malformed}/m.db", *(["--dry-run"] if dry_run else [])])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit {code}\nstdout:\n{out[-2000:]}\nstderr:\n{err}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and lines[0].startswith("error:") and sum(ln.startswith("error:") for ln in lines) == 1, err
+    # the study file names the problem, or (one an override causes: ablate/cli.py) the command line and the override
+    assert str(study) in lines[0] or (overrides and "(command line)" in lines[0]), f"name the file:\n{err}"
+    for frag in fragments:
+        assert frag in err, f"{frag!r} not in:\n{err}"
+    assert _listing(malformed) == before, "nothing may be written: no study folder, no MLflow database"
+
+
+def test_the_malformed_suite_counts_its_cases():
+    """The suite above: every case twice (dry run and a real start)."""
+    assert len(MALFORMED) == 41
+
+
+def test_a_grid_entry_can_be_set_from_the_command_line(malformed, capsys):
+    from ablate.run import main as run_main
+
+    study = malformed / "studies" / "study.yaml"
+    study.write_text(GRID)
+    argv = [str(study), "search.grid.design.target=[meanflow]", "search.grid.design.schedule=[linear,cosine]",
+            f"resources.storage={malformed}/runs", "--dry-run"]
+    assert run_main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "study ranges: 2 trials" in out
+    assert "design.target=meanflow design.schedule=linear" in out and "design.schedule=cosine" in out
+    assert "flow_matching" not in out.split("resources:")[0]
+
+
+def test_search_space_entries_from_the_command_line(malformed):
+    from ablate.config import compose
+
+    study = malformed / "studies" / "study.yaml"
+    study.write_text(_optuna("train.lr: {low: 0.001, high: 0.01}"))
+    cfg, _ = compose(str(study), ["search.space.train.lr.high=0.1", "search.space.design.target={choices: [meanflow]}",
+                                  "search.space.train.ema.low=0.9", "search.space.train.ema.high=0.99"])
+    space = _container(cfg.search.space)
+    assert space["train.lr"] == {"low": 0.001, "high": 0.1}
+    assert space["design.target"] == {"choices": ["meanflow"]}
+    assert space["train.ema"] == {"low": 0.9, "high": 0.99}
+
+
+def _container(node):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True)

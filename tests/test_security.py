@@ -407,3 +407,85 @@ def test_an_unreachable_uri_storage_is_a_note_in_a_dry_run_and_an_error_otherwis
     assert main(argv) == 2
     assert "cannot open it" in capsys.readouterr().err
     assert not (tmp_path / "m.db").exists()
+
+
+# -- D. a study file builds only on files in its own folder ---------------------------------------------------
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_defaults_cannot_merge_a_file_from_outside_the_study_folder(dry_run, tmp_path, capsys, no_ray):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (tmp_path / "elsewhere.yaml").write_text("tracking: {uri: 'sqlite:////tmp/somebody_elses.db'}\n")
+    study = folder / "study.yaml"
+    study.write_text("defaults:\n  - ../elsewhere@_global_\n  - _self_\n" + STUDY.format(name="inside"))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc = main(_argv(study, tmp_path, tmp_path / "runs", *(["--dry-run"] if dry_run else [])))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "defaults" in err and "../elsewhere@_global_" in err and "outside the study file's folder" in err
+    assert str(study) in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_a_symlink_inside_the_folder_that_leads_out_is_refused(tmp_path, capsys, no_ray):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (tmp_path / "elsewhere.yaml").write_text("train: {steps: 3}\n")
+    (folder / "inner.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    study = folder / "study.yaml"
+    study.write_text("defaults:\n  - inner@_global_\n  - _self_\n" + STUDY.format(name="inside"))
+    assert main(_argv(study, tmp_path, tmp_path / "runs", "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert "inner@_global_" in err and "outside the study file's folder" in err
+
+
+def test_defaults_inside_the_folder_still_compose(tmp_path):
+    from ablate.config import compose
+
+    folder = tmp_path / "studies"
+    (folder / "bases").mkdir(parents=True)
+    (folder / "bases" / "short.yaml").write_text("train: {steps: 3}\n")
+    study = folder / "study.yaml"
+    study.write_text("defaults:\n  - bases/short@_global_\n  - _self_\n"
+                     + STUDY.format(name="inside").replace("train: {steps: 4, ", "train: {"))
+    cfg, _ = compose(str(study))
+    assert cfg.train.steps == 3
+
+
+def test_hydra_search_path_is_refused(tmp_path, capsys, no_ray):
+    study = _study(tmp_path, "hydra_sp")
+    study.write_text(study.read_text() + "hydra:\n  searchpath: [file:///etc]\n")
+    assert main(_argv(study, tmp_path, tmp_path / "runs", "--dry-run")) == 2
+    assert "hydra" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# -- E. the study's trial record (trials.json) is data, read only from a marked folder -------------------------
+def test_a_damaged_or_foreign_trial_record_is_refused(tmp_path, capsys, no_ray):
+    storage = tmp_path / "runs"
+    prepare_study_folder(str(storage), "rec", fresh=False)
+    record = storage / "rec" / "trials.json"
+    study = _study(tmp_path, "rec")
+    for text, says in (("{not json", "damaged"), (json.dumps({"platform": "ablate", "study": "other", "mode": "grid",
+                                                              "trials": {}}), "not the trial record")):
+        record.write_text(text)
+        for extra in ([], ["--dry-run"]):
+            assert main(_argv(study, tmp_path, storage, *extra)) == 2
+            err = capsys.readouterr().err
+            assert says in err and "--fresh" in err, err
+    record.unlink()
+    record.symlink_to(tmp_path / "study.yaml")
+    assert main(_argv(study, tmp_path, storage, "--dry-run")) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_planted_trial_record_without_the_marker_is_never_read(tmp_path, capsys, no_ray, monkeypatch):
+    from ablate import trialset
+
+    storage = tmp_path / "runs"
+    (storage / "planted").mkdir(parents=True)
+    (storage / "planted" / "trials.json").write_text("{}")
+    read = []
+    monkeypatch.setattr(trialset, "_read", lambda *a: read.append(a))
+    assert main(_argv(_study(tmp_path, "planted"), tmp_path, storage, "--dry-run")) == 2
+    assert "refusing" in capsys.readouterr().err and not read
