@@ -26,12 +26,12 @@ Samplers on a grid or in particle groups (``dyadic``, ``discrete``, ``imm``) are
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from components.budget import steps_of
 from components.registry import TIME_SAMPLER
 
 T_MIN = 1e-5  # keep σ(t) > 0 so posteriors and ratios stay finite
@@ -48,16 +48,8 @@ class TimeSampler:
             raise ValueError(f"r_zero_warmup_rows must be 'pairs' or 'all', got {r_zero_warmup_rows!r}")
         if not 0.0 <= fraction_r_neq_t <= 1.0:
             raise ValueError(f"fraction_r_neq_t must be in [0, 1], got {fraction_r_neq_t}")
-        if r_zero_warmup < 0:
-            raise ValueError(f"r_zero_warmup must be ≥ 0, got {r_zero_warmup}")
-        if 0 < r_zero_warmup < 1:  # a fraction of the run
-            if not train_steps:
-                raise ValueError(f"r_zero_warmup={r_zero_warmup} is a fraction of train.steps, which is unknown here")
-            r_zero_warmup = max(1, round(r_zero_warmup * train_steps))
-        elif train_steps and r_zero_warmup > train_steps:
-            warnings.warn(f"design.time_sampler.r_zero_warmup={r_zero_warmup:g} steps exceeds train.steps="
-                          f"{train_steps}: the warm start never ends; give a fraction of the run instead "
-                          f"(a value < 1, e.g. the paper's warm-up / its run length)", stacklevel=2)
+        r_zero_warmup = steps_of(r_zero_warmup, train_steps, "design.time_sampler.r_zero_warmup",
+                                 "the warm start never ends")
         self.r_eq_t_time, self.r_zero_warmup_rows = r_eq_t_time, r_zero_warmup_rows
         self.fraction_r_neq_t = fraction_r_neq_t
         self.r_mode = r_mode

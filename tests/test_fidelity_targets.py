@@ -151,7 +151,7 @@ def test_tangent_warmup_as_a_fraction_of_the_run():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Consistency(mode="continuous", tangent_warmup=0.5, train_steps=400)  # a fraction never warns
-    with pytest.warns(UserWarning, match="longer than the run"):
+    with pytest.warns(UserWarning, match="tangent_warmup=10000 steps exceeds train.steps=400"):
         Consistency(mode="continuous", tangent_warmup=10_000, train_steps=400)
     with pytest.raises(ValueError, match="fraction of train.steps"):
         Consistency(mode="continuous", tangent_warmup=0.1)

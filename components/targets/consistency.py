@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from components.budget import steps_of
 from components.registry import TARGET
 from components.schedules import _bc
 from components.targets.base import Target, TargetOutput
@@ -73,14 +73,8 @@ class Consistency(Target):
             raise ValueError("delta, tangent_norm and tangent_warmup must be ≥ 0")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"consistency ema must be in [0, 1), got {ema}")
-        if 0 < tangent_warmup < 1:  # a fraction of the run
-            if not train_steps:
-                raise ValueError(f"tangent_warmup={tangent_warmup} is a fraction of train.steps, which is unknown here")
-            tangent_warmup = max(1, round(tangent_warmup * train_steps))
-        elif train_steps and tangent_warmup > train_steps:
-            warnings.warn(f"consistency tangent_warmup={tangent_warmup:g} steps is longer than the run "
-                          f"(train.steps={train_steps}): the tangent never reaches full weight; give a "
-                          f"fraction < 1 of the run instead", stacklevel=2)
+        tangent_warmup = steps_of(tangent_warmup, train_steps, "design.target.tangent_warmup",
+                                  "the tangent never reaches full weight")
         self.mode, self.space, self.delta = mode, space, delta
         self.teacher_ema = ema if teacher == "ema" and mode == "discrete" else None
         self.jvp, self.fd_step = jvp, fd_step
