@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from ablate.design import PRESETS
 from ablate.run import main
 
 STUDY = Path(__file__).resolve().parents[1] / "studies" / "design_space.yaml"
@@ -25,7 +24,8 @@ def test_design_space_study_runs_every_method_to_a_report(tmp_path):
     rc = main([str(STUDY), *SHRINK, f"tracking.uri={uri}", f"resources.storage={tmp_path}/ray"])
     assert rc == 0
     trials = load_trials("design_space", uri)
-    assert len(trials) == len(PRESETS) == 9 and set(trials["status"]) == {"FINISHED"}
+    # the study is the ESC paper's design space (nine presets); the 2026 presets are trained by their own tests
+    assert len(trials) == 9 and set(trials["status"]) == {"FINISHED"}
     assert trials["design_id"].nunique() == 9  # nine distinct compositions, one loop
     assert set(trials["design.target.name"]) == {"flow_matching", "shortcut", "meanflow", "consistency", "imm"}
     for nfe in (1, 2, 4):

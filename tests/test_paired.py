@@ -226,6 +226,7 @@ def test_evaluation_noise_does_not_depend_on_the_design(tmp_path, monkeypatch):
         cfg = _cfg(tmp_path, name, *DESIGNS[name], "eval.num_samples=20", "eval.batch_size=8")
         ev = Evaluator.__new__(Evaluator)  # only the sampling part (no feature extractor needed)
         ev.run, ev.cfg, ev.num = setup(cfg), cfg.eval, int(cfg.eval.num_samples)
+        ev.scales, ev.interval = [None], None  # the design's own guidance
         list(ev.batches(1))
     per_design = len(seen) // 2
     assert per_design == 3

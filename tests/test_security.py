@@ -357,13 +357,14 @@ def test_the_local_ray_listens_on_loopback_only_and_is_shut_down(monkeypatch):
     if ray.is_initialized():
         pytest.skip("a Ray instance is already running in this process")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    before = _descendants(os.getpid())  # children of earlier tests in this process (compile workers, ...): not Ray's
     with ray_session(None):
         @ray.remote
         def pid():
             return os.getpid()
 
         ray.get(pid.remote())
-        pids = _descendants(os.getpid())
+        pids = _descendants(os.getpid()) - before
         addrs = _listening(pids)
         assert addrs, "no listening socket found for the local Ray"
         assert all(_is_loopback(a) for a in addrs), addrs
