@@ -20,3 +20,15 @@ def _private_cache(tmp_path_factory):
 
 
 from tests.study_fixture import study  # noqa: E402,F401  (a tiny real study, shared)
+
+
+@pytest.fixture
+def one_thread(monkeypatch, tmp_path):
+    """One intra-op thread (restored afterwards) and $ABLATE_CACHE in this test's own folder."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(threads)

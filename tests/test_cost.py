@@ -19,13 +19,7 @@ TOY = ["data.name=gaussian_mixture", "design.backbone.name=mlp", "design.backbon
        "design.backbone.depth=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_step_flops_is_linear_in_the_batch_and_leaves_the_run_alone(tmp_path):

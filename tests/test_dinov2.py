@@ -19,13 +19,7 @@ SMALL = "vit_small_patch14_dinov2.lvd142m"
 KW = {"depth": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch, tmp_path):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("ABLATE_CACHE", str(tmp_path / "cache"))
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
